@@ -15,24 +15,12 @@ from pathlib import Path
 from tokenizers import Encoding, Tokenizer
 
 from .errors import CheckpointError
+from .spm_convert import register_config_tokens, special_tokens, tokenizer_from_spiece
 
 # transformers' PreTrainedTokenizerBase uses this when tokenizer_config.json gives no model_max_length.
 VERY_LARGE_INTEGER = int(1e30)
 
-_SPECIAL_DEFAULTS = {
-    "pad_token": "<pad>",
-    "unk_token": "<unk>",
-    "cls_token": "[CLS]",
-    "sep_token": "[SEP]",
-    "mask_token": "[MASK]",
-}
-
-
-def _token_content(value) -> str | None:
-    # tokenizer_config.json stores a special token either as a string or as an AddedToken dict.
-    if isinstance(value, dict):
-        return value.get("content")
-    return value
+_SPECIAL_NAMES = ("pad_token", "unk_token", "cls_token", "sep_token", "mask_token")
 
 
 @dataclass(frozen=True)
@@ -90,7 +78,7 @@ class AlbertTokenizer:
         return self.backend.get_vocab(with_added_tokens=True)
 
     def num_special_tokens_to_add(self, pair: bool = False) -> int:
-        return self.backend.post_processor.num_special_tokens_to_add(pair)
+        return self.backend.num_special_tokens_to_add(pair)
 
     def encode(
         self,
@@ -109,6 +97,8 @@ class AlbertTokenizer:
         in the order transformers returns them (`return_overflowing_tokens=True`). Returns the list of
         windows: one Encoding when nothing overflows.
         """
+        # transformers encodes `[(text, text_pair)] if text_pair else [text]`: an empty pair is no pair.
+        text_pair = text_pair or None
         if max_length is None:
             return [self.backend.encode(text, text_pair, add_special_tokens=add_special_tokens)]
         backend = self._truncating_backend(max_length, truncation, stride)
@@ -116,7 +106,9 @@ class AlbertTokenizer:
             first = backend[0].encode(text, text_pair, add_special_tokens=add_special_tokens)
         return [first, *first.overflowing]
 
-    def _truncating_backend(self, max_length: int, strategy: str, stride: int) -> tuple[Tokenizer, threading.Lock]:
+    def _truncating_backend(
+        self, max_length: int, strategy: str, stride: int
+    ) -> tuple[Tokenizer, threading.Lock]:
         # Truncation is state of a tokenizers.Tokenizer, so each setting gets its own copy with its own
         # lock instead of mutating the shared backend under concurrent requests.
         key = (max_length, strategy, stride)
@@ -124,6 +116,8 @@ class AlbertTokenizer:
             entry = self._truncating.get(key)
             if entry is None:
                 copy = Tokenizer.from_str(self.backend.to_str())
+                # Not part of the serialized form, so carried over by hand.
+                copy.encode_special_tokens = self.backend.encode_special_tokens
                 copy.enable_truncation(max_length, stride=stride, strategy=strategy, direction="right")
                 entry = (copy, threading.Lock())
                 if len(self._truncating) > 64:
@@ -175,25 +169,35 @@ def load_tokenizer(directory: str | Path) -> AlbertTokenizer:
         try:
             backend = Tokenizer.from_file(str(tokenizer_json))
         except Exception as exc:  # tokenizers raises plain Exception subclasses
-            raise CheckpointError(f"{tokenizer_json}: cannot be read as a tokenizer ({exc})", file=tokenizer_json) from exc
+            raise CheckpointError(
+                f"{tokenizer_json}: cannot be read as a tokenizer ({exc})", file=tokenizer_json
+            ) from exc
+        # As PreTrainedTokenizerFast.__init__: config tokens missing from tokenizer.json are added (a no-op
+        # for files transformers wrote itself).
+        register_config_tokens(
+            backend, config, special_map, legacy_added_tokens=backend.get_added_tokens_decoder()
+        )
     elif spiece.is_file():
-        from .spm_convert import tokenizer_from_spiece
-
-        backend = tokenizer_from_spiece(spiece, config)
+        backend = tokenizer_from_spiece(spiece, config, special_map)
     else:
         raise CheckpointError(
             f"{directory}: no tokenizer found (expected tokenizer.json or spiece.model)", file=directory
         )
     backend.no_truncation()
     backend.no_padding()
+    backend.encode_special_tokens = bool(config.get("split_special_tokens", False))
 
+    resolved, _ = special_tokens(config, special_map)
     specials = {}
-    for name, default in _SPECIAL_DEFAULTS.items():
-        token = _token_content(config.get(name)) or _token_content(special_map.get(name)) or default
-        if backend.token_to_id(token) is None:
-            raise CheckpointError(f"{directory}: special token {name}={token!r} is not in the vocabulary", file=directory)
-        specials[name] = token
-    max_length = config.get("model_max_length")
+    for name in _SPECIAL_NAMES:
+        token = resolved[name]
+        if token is None or backend.token_to_id(str(token)) is None:
+            raise CheckpointError(
+                f"{directory}: special token {name}={token!r} is not in the vocabulary", file=directory
+            )
+        specials[name] = str(token)
+    # PreTrainedTokenizerBase falls back to the old `max_len` key.
+    max_length = config.get("model_max_length", config.get("max_len"))
     return AlbertTokenizer(
         backend=backend,
         model_max_length=int(max_length) if isinstance(max_length, (int, float)) else VERY_LARGE_INTEGER,
