@@ -1,0 +1,78 @@
+"""`albert-serve` / `python -m service`: start the HTTP server.
+
+Graceful shutdown: on SIGTERM (or Ctrl-C) the service first *drains*: /ready turns 503 and new task
+requests get 503, while requests already accepted are answered. When none is left (or the shutdown
+deadline is near) the server stops; a second signal, or the deadline itself, ends the process at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import uvicorn
+
+from .app import configure_logging, create_app
+from .runtime import Runtime
+from .settings import load_settings
+
+log = logging.getLogger("albert_serve")
+
+# Left for the server's own connection shutdown after draining.
+_CLOSE_SECONDS = 1.0
+
+
+class DrainingServer(uvicorn.Server):
+    def __init__(self, config: uvicorn.Config, runtime: Runtime, timeout: float):
+        super().__init__(config)
+        self.runtime = runtime
+        self.timeout = timeout
+        self._draining = False
+
+    def handle_exit(self, sig, frame) -> None:
+        if self._draining:  # second signal: stop now
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        self.runtime.draining = True
+        log.info(
+            "signal %s: draining %d in-flight request(s), %.0fs at most",
+            sig,
+            self.runtime.in_flight,
+            self.timeout,
+        )
+        threading.Thread(target=self._drain, name="drain", daemon=True).start()
+
+    def _drain(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        # Backstop: whatever happens, the process is gone by the deadline.
+        backstop = threading.Timer(self.timeout, lambda: os._exit(1))
+        backstop.daemon = True
+        backstop.start()
+        while self.runtime.in_flight > 0 and time.monotonic() < deadline - _CLOSE_SECONDS:
+            time.sleep(0.05)
+        log.info("drained (%d request(s) left); stopping", self.runtime.in_flight)
+        self.should_exit = True
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = load_settings(argv)
+    configure_logging(settings.log_level)
+    app = create_app(settings)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        lifespan="on",
+        timeout_graceful_shutdown=_CLOSE_SECONDS,
+        server_header=False,
+    )
+    DrainingServer(config, app.state.runtime, settings.shutdown_timeout_s).run()
+
+
+if __name__ == "__main__":
+    main()

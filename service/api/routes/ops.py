@@ -1,0 +1,39 @@
+"""Operations endpoints: liveness, readiness, model information, metrics. Never behind API keys."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..deps import RuntimeDep
+from ..schemas import Health, Readiness
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/health", response_model=Health, summary="Liveness: 200 while the process is alive.")
+async def health() -> Health:
+    return Health(status="ok")
+
+
+@router.get(
+    "/ready",
+    response_model=Readiness,
+    summary="Readiness: 503 until every model is loaded and every bucket compiled (and while shutting down).",
+    responses={503: {"model": Readiness, "description": "Not ready; the body says what is pending."}},
+)
+async def ready(runtime: RuntimeDep):
+    body = runtime.readiness()
+    return JSONResponse(body, status_code=200 if runtime.ready else 503)
+
+
+@router.get("/info", summary="Per endpoint: model source, architecture, labels, dtype, devices, buckets.")
+async def info(runtime: RuntimeDep) -> dict:
+    return runtime.info()
+
+
+@router.get("/metrics", summary="Prometheus metrics.", response_class=Response)
+async def metrics(runtime: RuntimeDep) -> Response:
+    runtime.metrics.queue_depth.set(runtime.batcher.queued_sequences if runtime.batcher else 0)
+    return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,249 @@
+"""The application factory: routes, error mapping, and the request middleware.
+
+`create_app(settings)` builds the app; its lifespan starts the runtime (models load and compile in the
+background, so /health answers at once) and stops it on shutdown.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+import uuid
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .api.routes import ops, tasks
+from .errors import ServiceError
+from .runtime import Runtime
+from .settings import Settings
+
+log = logging.getLogger("albert_serve.access")
+error_log = logging.getLogger(__name__)
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_METRIC_PATHS = {"/classify", "/fill-mask", "/qa", "/ner", "/health", "/ready", "/info", "/metrics"}
+_TASK_PATHS = {"/classify", "/fill-mask", "/qa", "/ner"}
+
+
+def error_response(status: int, message: str, error_type: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message, "error_type": error_type}, status_code=status, headers=headers)
+
+
+def _short(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe_validation_error(exc: RequestValidationError) -> str:
+    """One readable line per problem: where, what, and the value received (shortened)."""
+    parts = []
+    for error in exc.errors()[:5]:
+        loc = ".".join(str(p) for p in error.get("loc", ()) if p not in ("body",)) or "body"
+        kind = error.get("type", "")
+        if kind == "json_invalid":
+            parts.append(f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})")
+            continue
+        if kind == "missing" and loc == "body":
+            parts.append("the body is empty; expected a JSON object with 'inputs'")
+            continue
+        message = error.get("msg", "invalid")
+        parts.append(
+            f"{loc}: {message}" + ("" if kind == "missing" else f" (got {_short(error.get('input'))})")
+        )
+    more = len(exc.errors()) - 5
+    return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+class RequestMiddleware:
+    """Pure ASGI middleware around every HTTP request.
+
+    - gives each request an id (the client's X-Request-ID if sane, else a new one), returned as a header;
+    - refuses bodies over the limit with 413 before the app reads them (by Content-Length, or while
+      reading a chunked body), then replays the body to the app;
+    - counts in-flight task requests on the runtime (graceful shutdown waits for them);
+    - writes one structured log line and the metrics per request.
+    """
+
+    def __init__(self, app, runtime: Runtime):
+        self.app = app
+        self.runtime = runtime
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start = time.monotonic()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        client_id = headers.get("x-request-id", "")
+        request_id = client_id if _REQUEST_ID.match(client_id) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        path = scope.get("path", "")
+        status_holder = {"status": 500, "started": False}
+
+        async def send_with_id(message):
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                status_holder["started"] = True
+                message.setdefault("headers", [])
+                message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        is_task = path in _TASK_PATHS
+        if is_task:
+            self.runtime.in_flight += 1
+        try:
+            body_receive = await self._read_body(scope, receive, headers)
+            if body_receive is None:
+                limit = self.runtime.settings.max_body_bytes
+                await error_response(
+                    413, f"the request body exceeds the limit of {limit} bytes", "payload_too_large"
+                )(scope, receive, send_with_id)
+            else:
+                await self.app(scope, body_receive, send_with_id)
+        except Exception:
+            error_log.exception("unhandled error for request %s", request_id)
+            if not status_holder["started"]:
+                await error_response(500, "internal error; see the server log", "internal_error")(
+                    scope, receive, send_with_id
+                )
+        finally:
+            if is_task:
+                self.runtime.in_flight -= 1
+            self._account(scope, path, status_holder["status"], time.monotonic() - start, request_id)
+
+    async def _read_body(self, scope, receive, headers):
+        """Read the whole body (bounded); return a receive() that replays it, or None if it is too large."""
+        if scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            return receive
+        limit = self.runtime.settings.max_body_bytes
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return None
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return replay
+
+    def _account(self, scope, path: str, status: int, seconds: float, request_id: str) -> None:
+        label = path if path in _METRIC_PATHS else "other"
+        metrics = self.runtime.metrics
+        metrics.requests.labels(label, str(status)).inc()
+        if path in _TASK_PATHS:
+            metrics.latency.labels(label).observe(seconds)
+        timings = scope.get("state", {}).get("timings")
+        record = {
+            "request_id": request_id,
+            "method": scope.get("method"),
+            "path": path,
+            "status": status,
+            "latency_ms": round(seconds * 1000, 2),
+        }
+        if timings is not None:
+            record.update(
+                tokenize_ms=round(timings.tokenize * 1000, 2),
+                queue_ms=round(timings.queue * 1000, 2),
+                inference_ms=round(timings.inference * 1000, 2),
+            )
+        client = scope.get("client")
+        if client:
+            record["client"] = f"{client[0]}:{client[1]}"
+        log.info("request", extra={"fields": record})
+
+
+def create_app(settings: Settings, *, runtime: Runtime | None = None, start_runtime: bool = True) -> FastAPI:
+    runtime = runtime or Runtime(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        if start_runtime:
+            runtime.start(background=True)
+        yield
+        runtime.stop()
+
+    app = FastAPI(
+        title="albert-serve",
+        version="0.1.0",
+        summary="ALBERT models over HTTP: classification, fill-mask, question answering, NER.",
+        description="Answers as the transformers 4.57 pipelines do. Errors are JSON "
+        '`{"error": ..., "error_type": ...}`.',
+        lifespan=lifespan,
+    )
+    app.state.runtime = runtime
+    app.include_router(tasks.router)
+    app.include_router(ops.router)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError):
+        return error_response(exc.status, exc.message, exc.error_type, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        return error_response(422, describe_validation_error(exc), "validation_error")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        kinds = {404: "not_found", 405: "method_not_allowed"}
+        message = (
+            f"{exc.detail}: {request.method} {request.url.path}"
+            if exc.status_code in kinds
+            else str(exc.detail)
+        )
+        return error_response(exc.status_code, message, kinds.get(exc.status_code, "http_error"), exc.headers)
+
+    app.add_middleware(RequestMiddleware, runtime=runtime)
+    return app
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and any structured fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            entry.update(fields)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in ("uvicorn", "uvicorn.error"):
+        logging.getLogger(name).handlers[:] = []
+        logging.getLogger(name).propagate = True
+    logging.getLogger("uvicorn.access").disabled = True  # our middleware writes one line per request

@@ -1,0 +1,297 @@
+"""Dynamic batching: one device worker thread, fed by per-endpoint queues of sequences.
+
+Requests are tokenized on the event loop's thread pool, then their sequences are queued here. The worker
+takes the endpoint whose oldest sequence has waited longest (fairness across endpoints), fills a batch with
+that endpoint's sequences in arrival order up to the token and sequence limits, packs it into the cheapest
+compiled bucket and runs it. While the device is busy, new sequences accumulate, so batches grow with load
+on their own; the worker only waits (at most `max_wait`) when the batch is not full and other requests are
+still being tokenized. An idle service never waits.
+
+Each request's sequences may be spread over several batches (long QA contexts); its future completes when
+the last one is done. Cancelled (client gone) and expired requests are dropped before they reach the device.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .engine import ModelRunner, PackedBatch
+from .errors import DeadlineExceeded, NotReady, QueueFull, ServiceError
+from .tasks.base import ModelInput
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class WorkItem:
+    """One request's sequences on their way through the device."""
+
+    endpoint: str
+    sequences: list[ModelInput]
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    deadline: float  # time.monotonic()
+    enqueued_at: float = field(default_factory=time.monotonic)
+    outputs: list = field(default_factory=list)
+    remaining: int = 0
+    cancelled: bool = False
+    started_at: float | None = None  # first batch that holds one of its sequences
+    inference_seconds: float = 0.0
+
+    def __post_init__(self):
+        self.outputs = [None] * len(self.sequences)
+        self.remaining = len(self.sequences)
+
+    @property
+    def done(self) -> bool:
+        return self.cancelled or self.future.done()
+
+    def resolve(self, result=None, error: BaseException | None = None) -> None:
+        def settle():
+            if self.future.done():
+                return
+            if error is not None:
+                self.future.set_exception(error)
+            else:
+                self.future.set_result(result)
+
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody is waiting any more
+            self.loop.call_soon_threadsafe(settle)
+
+
+@dataclass
+class BatchStats:
+    endpoint: str
+    sequences: int
+    tokens: int
+    padding_ratio: float
+    bucket: str
+    seconds: float
+
+
+class Batcher:
+    def __init__(
+        self,
+        runners: dict[str, ModelRunner],
+        *,
+        max_batch_sequences: int,
+        max_queue_sequences: int,
+        max_wait_s: float,
+        on_batch=None,
+    ):
+        self.runners = runners
+        self.max_batch_sequences = max_batch_sequences
+        self.max_queue_sequences = max_queue_sequences
+        self.max_wait_s = max_wait_s
+        self.on_batch = on_batch  # callback(BatchStats), for metrics
+        self._queues: dict[str, deque[tuple[WorkItem, int]]] = {e: deque() for e in runners}
+        self._queued = 0
+        self._preparing = 0  # requests admitted and still being tokenized
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="device-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop the worker; anything still queued is answered with 503."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        with self._cond:
+            for queue in self._queues.values():
+                for item, _ in queue:
+                    item.resolve(error=NotReady("the service is shutting down"))
+                queue.clear()
+            self._queued = 0
+
+    @property
+    def queued_sequences(self) -> int:
+        return self._queued
+
+    # -- admission ----------------------------------------------------------------------------------------
+
+    def preparing(self) -> _Preparing:
+        """Context manager marking a request as being tokenized (the worker may wait for it briefly)."""
+        return _Preparing(self)
+
+    async def submit(self, endpoint: str, sequences: list[ModelInput], deadline: float) -> WorkItem:
+        """Queue `sequences`; returns the WorkItem, whose `future` completes with one output per sequence."""
+        loop = asyncio.get_running_loop()
+        item = WorkItem(endpoint, sequences, loop.create_future(), loop, deadline)
+        if not sequences:
+            item.future.set_result([])
+            return item
+        with self._cond:
+            if self._stopping:
+                raise NotReady("the service is shutting down")
+            if self._queued + len(sequences) > self.max_queue_sequences:
+                raise QueueFull(
+                    f"the queue is full ({self._queued} sequences waiting, limit {self.max_queue_sequences}); "
+                    "retry later",
+                    headers={"Retry-After": "1"},
+                )
+            queue = self._queues[endpoint]
+            for index in range(len(sequences)):
+                queue.append((item, index))
+            self._queued += len(sequences)
+            self._cond.notify()
+        return item
+
+    def cancel(self, item: WorkItem) -> None:
+        """Drop a request's queued sequences (its client has gone or its deadline passed)."""
+        item.cancelled = True
+
+    # -- the device worker ----------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and not self._has_work():
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                self._wait_for_stragglers()
+                endpoint = self._oldest_endpoint()
+                if endpoint is None:
+                    continue
+                taken = self._take(endpoint)
+            if taken:
+                self._run(endpoint, taken)
+
+    def _has_work(self) -> bool:
+        return self._queued > 0
+
+    def _wait_for_stragglers(self) -> None:
+        # Requests still being tokenized would otherwise miss this batch and wait a whole forward pass.
+        # Never waits when nothing else is on its way (an idle service answers at once).
+        deadline = time.monotonic() + self.max_wait_s
+        while self._preparing > 0 and self._queued < self.max_batch_sequences:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stopping:
+                return
+            self._cond.wait(remaining)
+
+    def _oldest_endpoint(self) -> str | None:
+        oldest, chosen = None, None
+        for endpoint, queue in self._queues.items():
+            self._drop_dead(queue)
+            if queue and (oldest is None or queue[0][0].enqueued_at < oldest):
+                oldest, chosen = queue[0][0].enqueued_at, endpoint
+        return chosen
+
+    def _drop_dead(self, queue: deque) -> None:
+        now = time.monotonic()
+        while queue:
+            item, _ = queue[0]
+            if item.done:
+                queue.popleft()
+                self._queued -= 1
+            elif now > item.deadline:
+                queue.popleft()
+                self._queued -= 1
+                item.cancelled = True
+                item.resolve(
+                    error=DeadlineExceeded("the request's deadline passed while it waited in the queue")
+                )
+            else:
+                return
+
+    def _take(self, endpoint: str) -> list[tuple[WorkItem, int]]:
+        """Sequences from the head of `endpoint`'s queue that fit one compiled bucket together."""
+        queue = self._queues[endpoint]
+        packer = self.runners[endpoint].packer
+        taken: list[tuple[WorkItem, int]] = []
+        lengths: list[int] = []
+        tokens = 0
+        while queue and len(taken) < self.max_batch_sequences:
+            item, index = queue[0]
+            if item.done:
+                queue.popleft()
+                self._queued -= 1
+                continue
+            n = len(item.sequences[index])
+            if taken and tokens + n > packer.max_tokens:
+                break
+            queue.popleft()
+            self._queued -= 1
+            taken.append((item, index))
+            lengths.append(n)
+            tokens += n
+        # First-fit packing can leave a few sequences without room: give them back for the next batch.
+        while len(taken) > 1 and packer.plan(lengths) is None:
+            queue.appendleft(taken.pop())
+            lengths.pop()
+            self._queued += 1
+        return taken
+
+    def _run(self, endpoint: str, taken: list[tuple[WorkItem, int]]) -> None:
+        runner = self.runners[endpoint]
+        sequences = [item.sequences[index] for item, index in taken]
+        start = time.monotonic()
+        for item, _ in taken:
+            if item.started_at is None:
+                item.started_at = start
+        try:
+            outputs, batch = runner.run(sequences)
+        except Exception:
+            log.exception("forward pass failed on %s for %d sequences", endpoint, len(sequences))
+            for item in {id(i): i for i, _ in taken}.values():
+                item.resolve(error=ServiceError("the model failed on this batch"))
+            return
+        seconds = time.monotonic() - start
+        self._report(endpoint, batch, seconds)
+        for item in {id(i): i for i, _ in taken}.values():
+            item.inference_seconds += seconds
+        for (item, index), output in zip(taken, outputs, strict=True):
+            if item.done:
+                continue
+            item.outputs[index] = output
+            item.remaining -= 1
+            if item.remaining == 0:
+                item.resolve(result=item.outputs)
+
+    def _report(self, endpoint: str, batch: PackedBatch, seconds: float) -> None:
+        if self.on_batch is None:
+            return
+        try:
+            self.on_batch(
+                BatchStats(
+                    endpoint=endpoint,
+                    sequences=len(batch.placements),
+                    tokens=batch.real_tokens,
+                    padding_ratio=float(np.clip(batch.padding_ratio, 0.0, 1.0)),
+                    bucket=str(batch.bucket),
+                    seconds=seconds,
+                )
+            )
+        except Exception:  # metrics must never take the worker down
+            log.exception("batch metrics callback failed")
+
+
+class _Preparing:
+    def __init__(self, batcher: Batcher):
+        self.batcher = batcher
+
+    def __enter__(self):
+        with self.batcher._cond:
+            self.batcher._preparing += 1
+
+    def __exit__(self, *exc):
+        with self.batcher._cond:
+            self.batcher._preparing -= 1
+            self.batcher._cond.notify()

@@ -1,0 +1,395 @@
+"""The engine: ahead-of-time compiled forward passes over a grid of shapes, and packing sequences into them.
+
+A batch is `rows` rows of `length` tokens (a *bucket*). Short sequences are packed several to a row
+(each keeps its own positions, and attention stays within it; see model/modules.py), so padding is only
+what is left at the end of rows. Every bucket of the grid is compiled before the service is ready, and a
+batch is only ever run through an already compiled bucket: a compiled executable refuses any other shape,
+so nothing can compile while serving.
+
+With several local devices the rows of a batch are split across them (data parallel), parameters
+replicated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from model import PretrainedAlbert
+
+from .tasks.base import ModelInput
+
+log = logging.getLogger(__name__)
+
+# The head each endpoint needs.
+ENDPOINT_TASKS = {
+    "classify": "sequence-classification",
+    "fill-mask": "masked-lm",
+    "qa": "question-answering",
+    "ner": "token-classification",
+}
+# Smallest sequence an endpoint produces ([CLS] x [SEP]); bounds how many sequences share a row.
+MIN_SEQUENCE = 3
+
+
+@dataclass(frozen=True, order=True)
+class Bucket:
+    rows: int
+    length: int
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.length
+
+    def __str__(self) -> str:
+        return f"{self.rows}x{self.length}"
+
+
+def default_single_row_lengths(max_length: int) -> list[int]:
+    """Fine steps where a request alone should pay for little padding; coarser as lengths grow."""
+    lengths = [*range(8, 65, 8), *range(80, 129, 16), *range(160, 257, 32), *range(320, 513, 64)]
+    return [n for n in lengths if n < max_length] + [max_length]
+
+
+def bucket_grid(
+    max_length: int,
+    *,
+    single_row_lengths: list[int],
+    multi_row_lengths: list[int],
+    row_counts: list[int],
+    max_batch_tokens: int,
+    devices: int = 1,
+) -> list[Bucket]:
+    """The (rows, length) shapes to compile.
+
+    One row at any of `single_row_lengths` (a lone request pays for little padding); several rows at the
+    coarser `multi_row_lengths`, within `max_batch_tokens`. Lengths above `max_length` are dropped and
+    `max_length` itself is always present, so every sequence fits somewhere. Row counts are rounded up to
+    a multiple of the device count, since rows are split across devices.
+    """
+
+    def rows_for(n: int) -> int:
+        return devices * math.ceil(n / devices)
+
+    def clip(lengths: list[int]) -> list[int]:
+        return sorted({n for n in lengths if n < max_length} | {max_length})
+
+    grid = {
+        Bucket(rows_for(1), n) for n in clip(single_row_lengths or default_single_row_lengths(max_length))
+    }
+    multi = clip(multi_row_lengths or [64, 128, 256, 512])
+    for rows in row_counts:
+        if rows <= 1:
+            continue
+        for length in multi:
+            if rows * length <= max_batch_tokens:
+                grid.add(Bucket(rows_for(rows), length))
+    return sorted(grid, key=lambda b: (b.tokens, b.length))
+
+
+@dataclass
+class PackedBatch:
+    """Sequences laid out in a bucket, plus where each one went."""
+
+    bucket: Bucket
+    input_ids: np.ndarray  # int32 [R, Lr]
+    token_type_ids: np.ndarray  # int32 [R, Lr]
+    position_ids: np.ndarray  # int32 [R, Lr]
+    segment_ids: np.ndarray  # int32 [R, Lr], 0 = padding
+    first_tokens: np.ndarray  # int32 [R, K]: offset of each row's k-th sequence (0 where none)
+    placements: list[tuple[int, int, int]]  # per sequence: (row, offset, length)
+    slots: list[tuple[int, int]]  # per sequence: (row, k)
+
+    @property
+    def real_tokens(self) -> int:
+        return sum(length for _, _, length in self.placements)
+
+    @property
+    def padding_ratio(self) -> float:
+        return 1.0 - self.real_tokens / self.bucket.tokens
+
+
+def sequences_per_row(length: int) -> int:
+    return max(1, length // MIN_SEQUENCE)
+
+
+def _first_fit_decreasing(lengths: list[int], row_length: int, per_row: int) -> list[list[int]]:
+    """Assign sequence indices to rows of `row_length` tokens, longest first, each to the first row it fits."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        need = lengths[index]
+        for r, room in enumerate(free):
+            if need <= room and len(rows[r]) < per_row:
+                rows[r].append(index)
+                free[r] -= need
+                break
+        else:
+            rows.append([index])
+            free.append(row_length - need)
+    return rows
+
+
+class Packer:
+    """Chooses the cheapest compiled bucket for a set of sequences and lays them out in it."""
+
+    def __init__(self, buckets: list[Bucket], attention_cost_per_token: float):
+        self.buckets = sorted(buckets)
+        self.lengths = sorted({b.length for b in buckets})
+        self.max_length = self.lengths[-1]
+        self.max_tokens = max(b.tokens for b in buckets)
+        self._rows_by_length = {n: sorted(b.rows for b in buckets if b.length == n) for n in self.lengths}
+        # Relative cost of attention per token and per unit of row length (attention is quadratic in the row).
+        self.attention_cost = attention_cost_per_token
+
+    def cost(self, bucket: Bucket) -> float:
+        return bucket.tokens * (1.0 + self.attention_cost * bucket.length)
+
+    def plan(self, lengths: list[int]) -> tuple[Bucket, list[list[int]]] | None:
+        """The cheapest bucket holding all `lengths`, with the sequence indices of each row; None if none can."""
+        longest = max(lengths)
+        best = None
+        for row_length in self.lengths:
+            if row_length < longest:
+                continue
+            rows = _first_fit_decreasing(lengths, row_length, sequences_per_row(row_length))
+            fitting = [r for r in self._rows_by_length[row_length] if r >= len(rows)]
+            if not fitting:
+                continue
+            bucket = Bucket(fitting[0], row_length)
+            if best is None or self.cost(bucket) < self.cost(best[0]):
+                best = (bucket, rows)
+        return best
+
+    def pack(self, sequences: list[ModelInput]) -> PackedBatch:
+        lengths = [len(s) for s in sequences]
+        planned = self.plan(lengths)
+        if planned is None:
+            raise ValueError(f"no compiled bucket holds sequences of lengths {lengths}")
+        bucket, rows = planned
+        shape = (bucket.rows, bucket.length)
+        input_ids = np.zeros(shape, np.int32)
+        token_type_ids = np.zeros(shape, np.int32)
+        position_ids = np.zeros(shape, np.int32)
+        segment_ids = np.zeros(shape, np.int32)
+        first_tokens = np.zeros((bucket.rows, sequences_per_row(bucket.length)), np.int32)
+        placements: list[tuple[int, int, int]] = [(0, 0, 0)] * len(sequences)
+        slots: list[tuple[int, int]] = [(0, 0)] * len(sequences)
+        for r, members in enumerate(rows):
+            offset = 0
+            for k, index in enumerate(members):
+                seq, n = sequences[index], lengths[index]
+                input_ids[r, offset : offset + n] = seq.input_ids
+                token_type_ids[r, offset : offset + n] = seq.token_type_ids
+                position_ids[r, offset : offset + n] = np.arange(n, dtype=np.int32)
+                segment_ids[r, offset : offset + n] = k + 1
+                first_tokens[r, k] = offset
+                placements[index] = (r, offset, n)
+                slots[index] = (r, k)
+                offset += n
+        return PackedBatch(
+            bucket, input_ids, token_type_ids, position_ids, segment_ids, first_tokens, placements, slots
+        )
+
+
+# --- The jitted functions, one per endpoint ---------------------------------------------------------------
+# Each takes the parameters as an argument (not a closed-over constant): smaller programs, faster compiles.
+
+
+def _classify_fn(module):
+    def fn(params, input_ids, token_type_ids, position_ids, segment_ids, first_tokens):
+        def head(m):
+            hidden = m.albert(input_ids, None, token_type_ids, position_ids, segment_ids)  # [R, Lr, H]
+            first = jnp.take_along_axis(hidden, first_tokens[..., None], axis=1)  # [R, K, H]
+            return m.classifier(m.albert.pool(first)).astype(jnp.float32)  # [R, K, C]
+
+        return {"logits": module.apply({"params": params}, method=head)}
+
+    return fn
+
+
+def _token_fn(module):
+    def fn(params, input_ids, token_type_ids, position_ids, segment_ids):
+        return module.apply(
+            {"params": params},
+            input_ids,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            segment_ids=segment_ids,
+        )
+
+    return fn
+
+
+def _mlm_features_fn(module):
+    def fn(params, input_ids, token_type_ids, position_ids, segment_ids):
+        features = module.apply(
+            {"params": params},
+            input_ids,
+            token_type_ids=token_type_ids,
+            position_ids=position_ids,
+            segment_ids=segment_ids,
+            method=type(module).mlm_features,
+        )
+        return {"features": features}  # [R, Lr, E]
+
+    return fn
+
+
+def _mlm_probs_fn(module):
+    def fn(params, features):  # [M, E]
+        logits = module.apply({"params": params}, features, method=type(module).vocab_logits)  # [M, V] f32
+        return {"probs": jax.nn.softmax(logits, axis=-1)}
+
+    return fn
+
+
+def _powers_of_two_up_to(limit: int, start: int = 1) -> list[int]:
+    sizes = [start]
+    while sizes[-1] < limit:
+        sizes.append(sizes[-1] * 2)
+    return sizes
+
+
+class ModelRunner:
+    """One endpoint's model: its compiled buckets, and `run` from sequences to per-sequence outputs."""
+
+    def __init__(
+        self, endpoint: str, model: PretrainedAlbert, buckets: list[Bucket], devices: list | None = None
+    ):
+        self.endpoint = endpoint
+        self.model = model
+        self.config = model.config
+        self.devices = devices or jax.local_devices()
+        self.mesh = Mesh(np.array(self.devices), ("data",))
+        self._replicated = NamedSharding(self.mesh, PartitionSpec())
+        self._by_rows = NamedSharding(self.mesh, PartitionSpec("data"))
+        self.params = jax.device_put(model.params, self._replicated)
+        self.buckets = buckets
+        cfg = self.config
+        # Attention FLOPs per token per unit of row length, relative to the matmul FLOPs per token.
+        matmul = 4 * cfg.hidden_size**2 + 2 * cfg.hidden_size * cfg.intermediate_size
+        self.packer = Packer(buckets, attention_cost_per_token=2 * cfg.hidden_size / matmul)
+        self._compiled: dict[Any, Callable] = {}
+        self._mask_sizes = (
+            _powers_of_two_up_to(self.packer.max_tokens, start=len(self.devices))
+            if endpoint == "fill-mask"
+            else []
+        )
+
+    # -- compilation ------------------------------------------------------------------------------------
+
+    def _spec(self, shape, dtype=jnp.int32) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=self._by_rows)
+
+    def _param_specs(self):
+        return jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated), self.params
+        )
+
+    def compile_tasks(self) -> list[tuple[str, Callable[[], None]]]:
+        """(label, thunk) for every executable this endpoint needs; the caller runs and times them."""
+        module = self.model.module
+        params = self._param_specs()
+        tasks = []
+        main = {
+            "classify": _classify_fn,
+            "ner": _token_fn,
+            "qa": _token_fn,
+            "fill-mask": _mlm_features_fn,
+        }[self.endpoint](module)
+        jitted = jax.jit(main)
+        for bucket in self.buckets:
+            shape = (bucket.rows, bucket.length)
+            args = [self._spec(shape) for _ in range(4)]
+            if self.endpoint == "classify":
+                args.append(self._spec((bucket.rows, sequences_per_row(bucket.length))))
+
+            def compile_bucket(bucket=bucket, args=args):
+                self._compiled[bucket] = jitted.lower(params, *args).compile()
+
+            tasks.append((str(bucket), compile_bucket))
+        if self.endpoint == "fill-mask":
+            vocab = jax.jit(_mlm_probs_fn(module))
+            for size in self._mask_sizes:
+                spec = self._spec((size, self.config.embedding_size), self.model.dtype)
+
+                def compile_vocab(size=size, spec=spec):
+                    self._compiled[("vocab", size)] = vocab.lower(params, spec).compile()
+
+                tasks.append((f"vocab x{size}", compile_vocab))
+        return tasks
+
+    def compile_all(self) -> Iterator[tuple[str, float]]:
+        for label, thunk in self.compile_tasks():
+            start = time.perf_counter()
+            thunk()
+            yield label, time.perf_counter() - start
+
+    # -- running ----------------------------------------------------------------------------------------
+
+    def _put(self, array: np.ndarray):
+        return jax.device_put(array, self._by_rows)
+
+    def run(self, sequences: list[ModelInput]) -> tuple[list[dict[str, np.ndarray]], PackedBatch]:
+        """Run sequences (which must fit one bucket: see Packer.plan) and return each one's outputs."""
+        batch = self.packer.pack(sequences)
+        executable = self._compiled[batch.bucket]
+        inputs = [
+            self._put(a)
+            for a in (batch.input_ids, batch.token_type_ids, batch.position_ids, batch.segment_ids)
+        ]
+        if self.endpoint == "classify":
+            logits = np.asarray(executable(self.params, *inputs, self._put(batch.first_tokens))["logits"])
+            return [{"logits": logits[r, k]} for r, k in batch.slots], batch
+        outputs = {name: np.asarray(value) for name, value in executable(self.params, *inputs).items()}
+        if self.endpoint == "fill-mask":
+            return self._fill_mask_outputs(sequences, batch, outputs["features"]), batch
+        results = []
+        for r, offset, n in batch.placements:
+            results.append({name: value[r, offset : offset + n] for name, value in outputs.items()})
+        return results, batch
+
+    def _fill_mask_outputs(
+        self, sequences, batch: PackedBatch, features: np.ndarray
+    ) -> list[dict[str, np.ndarray]]:
+        # Only the mask positions are projected onto the vocabulary.
+        rows, cols, counts = [], [], []
+        for seq, (r, offset, _) in zip(sequences, batch.placements, strict=True):
+            positions = seq.mask_positions if seq.mask_positions is not None else np.zeros(0, np.int32)
+            rows.extend([r] * len(positions))
+            cols.extend(offset + int(p) for p in positions)
+            counts.append(len(positions))
+        gathered = features[np.asarray(rows, np.int64), np.asarray(cols, np.int64)]  # [M, E]
+        probs = np.zeros((0, self.config.vocab_size), np.float32)
+        if len(gathered):
+            chunks = []
+            largest = self._mask_sizes[-1]
+            for start in range(0, len(gathered), largest):
+                chunk = gathered[start : start + largest]
+                size = next(s for s in self._mask_sizes if s >= len(chunk))
+                padded = np.zeros((size, chunk.shape[1]), chunk.dtype)
+                padded[: len(chunk)] = chunk
+                out = self._compiled[("vocab", size)](self.params, self._put(padded))["probs"]
+                chunks.append(np.asarray(out)[: len(chunk)])
+            probs = np.concatenate(chunks)
+        results, start = [], 0
+        for count in counts:
+            results.append({"probs": probs[start : start + count]})
+            start += count
+        return results
+
+    def flops_per_token(self) -> float:
+        """Useful matmul FLOPs per real token of one forward pass (for the benchmark's roofline figures)."""
+        cfg = self.config
+        per_layer = 2 * (4 * cfg.hidden_size**2 + 2 * cfg.hidden_size * cfg.intermediate_size)
+        return cfg.num_hidden_layers * per_layer + 2 * cfg.embedding_size * cfg.hidden_size

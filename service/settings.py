@@ -1,0 +1,175 @@
+"""Every setting of the service, in one class: each is a `--flag` and an `ALBERT_*` environment variable.
+
+Precedence: command-line flag, then environment variable, then the default below. The field's
+description is its documentation (it is what `albert-serve --help` prints and what the README table lists).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+ENDPOINTS = ("classify", "fill-mask", "qa", "ner")
+
+# Public checkpoints a user would deploy by default (the fill-mask default is fixed by the contract).
+DEFAULT_MODELS = {
+    "classify": "textattack/albert-base-v2-SST-2",
+    "fill-mask": "albert/albert-base-v2",
+    "qa": "twmkn9/albert-base-v2-squad2",
+    "ner": "ArBert/albert-base-v2-finetuned-ner",
+}
+
+
+def _default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return str(Path(base) / "albert-serve" / "jax")
+
+
+IntList = Annotated[list[int], NoDecode]
+StrList = Annotated[list[str], NoDecode]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ALBERT_", extra="ignore", validate_default=True)
+
+    # --- HTTP -------------------------------------------------------------------------------------------
+    host: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    # --- Models -----------------------------------------------------------------------------------------
+    classify_model: str = Field(
+        DEFAULT_MODELS["classify"],
+        description="Model for /classify: local directory or hub id; empty disables.",
+    )
+    fill_mask_model: str = Field(
+        DEFAULT_MODELS["fill-mask"],
+        description="Model for /fill-mask: local directory or hub id; empty disables.",
+    )
+    qa_model: str = Field(
+        DEFAULT_MODELS["qa"], description="Model for /qa: local directory or hub id; empty disables."
+    )
+    ner_model: str = Field(
+        DEFAULT_MODELS["ner"], description="Model for /ner: local directory or hub id; empty disables."
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Compute dtype. LayerNorm and softmax always run in float32."
+    )
+
+    # --- Compilation ------------------------------------------------------------------------------------
+    seq_buckets: IntList = Field(
+        default_factory=list,
+        description="Row lengths compiled for single-row batches (comma-separated); empty: a default grid "
+        "up to the model's maximum length.",
+    )
+    batch_seq_buckets: IntList = Field(
+        default_factory=list,
+        description="Row lengths compiled for multi-row batches (comma-separated); empty: 64,128,256,512 "
+        "within the model's maximum.",
+    )
+    batch_buckets: IntList = Field(
+        default_factory=lambda: [1, 2, 4, 8, 16],
+        description="Numbers of rows per batch compiled (comma-separated). Short sequences are packed "
+        "several to a row.",
+    )
+    max_batch_tokens: int = Field(
+        2048,
+        ge=16,
+        description="Most tokens (rows x row length) in one forward pass; bounds the bucket grid.",
+    )
+    compilation_cache_dir: str = Field(
+        default_factory=_default_cache_dir,
+        description="JAX persistent compilation cache directory (reused across restarts); empty disables.",
+    )
+
+    # --- Batching and limits ----------------------------------------------------------------------------
+    max_batch_sequences: int = Field(256, ge=1, description="Most sequences in one forward pass.")
+    max_wait_ms: float = Field(
+        2.0,
+        ge=0,
+        description="Longest a ready batch waits for requests still being tokenized; never paid when idle.",
+    )
+    max_queue_sequences: int = Field(
+        4096, ge=1, description="Sequences allowed to wait for the model; beyond it requests get 429."
+    )
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="Default per-request deadline (504 past it); a request may ask for less."
+    )
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest request body accepted (413 beyond).")
+    max_list_items: int = Field(64, ge=1, description="Most inputs in one request's list (413 beyond).")
+    max_top_k: int = Field(1000, ge=1, description="Largest top_k accepted.")
+    max_targets: int = Field(100, ge=1, description="Most fill-mask targets accepted.")
+
+    # --- Security and lifecycle -------------------------------------------------------------------------
+    api_keys: StrList = Field(
+        default_factory=list,
+        description="API keys (comma-separated); when set, task endpoints need 'Authorization: Bearer <key>'.",
+    )
+    shutdown_timeout_s: float = Field(
+        30.0, gt=0, description="On SIGTERM, how long accepted requests may take before the process exits."
+    )
+
+    @field_validator("seq_buckets", "batch_seq_buckets", "batch_buckets", mode="before")
+    @classmethod
+    def _int_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [int(v) for v in value.replace(" ", "").split(",") if v]
+        return value
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _str_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [v.strip() for v in value.split(",") if v.strip()]
+        return value
+
+    @field_validator("seq_buckets", "batch_seq_buckets", "batch_buckets")
+    @classmethod
+    def _positive(cls, value: list[int]) -> list[int]:
+        if any(v < 1 for v in value):
+            raise ValueError(f"bucket sizes must be positive, got {value}")
+        return sorted(set(value))
+
+    @model_validator(mode="after")
+    def _some_batch(self) -> Settings:
+        if not self.batch_buckets:
+            raise ValueError("batch_buckets must not be empty")
+        return self
+
+    def model_sources(self) -> dict[str, str]:
+        """Endpoint -> model source, for the endpoints that are enabled."""
+        sources = {
+            "classify": self.classify_model,
+            "fill-mask": self.fill_mask_model,
+            "qa": self.qa_model,
+            "ner": self.ner_model,
+        }
+        return {endpoint: source.strip() for endpoint, source in sources.items() if source.strip()}
+
+    @staticmethod
+    def env_name(field: str) -> str:
+        return "ALBERT_" + field.upper()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="albert-serve",
+        description="Serve ALBERT models over HTTP: /classify, /fill-mask, /qa, /ner. Every flag can also be set "
+        "with the ALBERT_* environment variable named after it.",
+    )
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        help_text = f"{field.description} [env {Settings.env_name(name)}]"
+        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text)
+    return parser
+
+
+def load_settings(argv: list[str] | None = None) -> Settings:
+    """Settings from flags (highest precedence), then ALBERT_* variables, then defaults."""
+    args = vars(build_parser().parse_args(argv))
+    return Settings(**args)
