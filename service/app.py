@@ -179,10 +179,12 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, start_runt
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
+        # An app that starts its runtime owns it and stops it; one given a started runtime leaves it alone.
         if start_runtime:
             runtime.start(background=True)
         yield
-        runtime.stop()
+        if start_runtime:
+            runtime.stop()
 
     app = FastAPI(
         title="albert-serve",

@@ -315,7 +315,7 @@ class ModelRunner:
                 args.append(self._spec((bucket.rows, sequences_per_row(bucket.length))))
 
             def compile_bucket(bucket=bucket, args=args):
-                self._compiled[bucket] = jitted.lower(params, *args).compile()
+                self._compiled[bucket] = self._warmed(jitted.lower(params, *args).compile(), args)
 
             tasks.append((str(bucket), compile_bucket))
         if self.endpoint == "fill-mask":
@@ -324,10 +324,16 @@ class ModelRunner:
                 spec = self._spec((size, self.config.embedding_size), self.model.dtype)
 
                 def compile_vocab(size=size, spec=spec):
-                    self._compiled[("vocab", size)] = vocab.lower(params, spec).compile()
+                    self._compiled[("vocab", size)] = self._warmed(vocab.lower(params, spec).compile(), [spec])
 
                 tasks.append((f"vocab x{size}", compile_vocab))
         return tasks
+
+    def _warmed(self, executable, specs: list[jax.ShapeDtypeStruct]):
+        # The first call of an executable pays one-off costs (allocations, thread pools); pay them now.
+        zeros = [self._put(np.zeros(spec.shape, spec.dtype)) for spec in specs]
+        jax.block_until_ready(executable(self.params, *zeros))
+        return executable
 
     def compile_all(self) -> Iterator[tuple[str, float]]:
         for label, thunk in self.compile_tasks():

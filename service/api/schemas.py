@@ -95,7 +95,9 @@ class MaskCandidate(BaseModel):
     sequence: str
 
 
-FillMaskResponse = list[MaskCandidate] | list[list[MaskCandidate]] | list[list[list[MaskCandidate]]]
+# One text: a list of candidates, or one list per mask when it has several masks.
+FillMaskAnswer = list[MaskCandidate] | list[list[MaskCandidate]]
+FillMaskResponse = FillMaskAnswer | list[FillMaskAnswer]
 
 
 # --- /qa ------------------------------------------------------------------------------------------------
