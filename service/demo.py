@@ -294,8 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from .app import configure_logging
+
     args, serve_args = build_parser().parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(os.environ.get("ALBERT_LOG_LEVEL", "info"))
     repos = build_demo_models(args.models_dir, rebuild=args.rebuild)
     if args.build_only:
         for endpoint, path in repos.items():
@@ -309,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             os.environ.setdefault(name, value)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    log.warning("serving DEMO models from %s: random weights, every answer is meaningless", args.models_dir)
+    log.warning("serving DEMO models from %s: random weights, every answer is meaningless", repos["classify"].parent)
 
     from .__main__ import main as serve
 

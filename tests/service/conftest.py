@@ -14,28 +14,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.runtime import Runtime
 from service.settings import Settings
-
-SHALLOW = dict(num_hidden_layers=2, num_hidden_groups=1, inner_group_num=1)
-SERVICE_REPOS = {
-    "classify": ("sequence-classification", dict(seed=3, **SHALLOW)),
-    "fill-mask": ("masked-lm", dict(seed=0, **SHALLOW)),
-    "qa": ("question-answering", dict(seed=1, **SHALLOW)),
-    "ner": ("token-classification", dict(seed=2, **SHALLOW)),
-}
-PIPELINE_TASKS = {
-    "classify": "text-classification",
-    "fill-mask": "fill-mask",
-    "qa": "question-answering",
-    "ner": "token-classification",
-}
-# A small grid keeps start-up quick; it still has single- and multi-row buckets and the model maximum (160).
-SMALL_GRID = dict(
-    seq_buckets=[16, 32, 64],
-    batch_seq_buckets=[64, 160],
-    batch_buckets=[1, 4],
-    max_batch_tokens=640,
-    compilation_cache_dir="",
-)
+from tests.service.support import PIPELINE_TASKS, SERVICE_REPOS, SMALL_GRID
 
 
 @pytest.fixture(scope="session")

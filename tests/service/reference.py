@@ -19,9 +19,7 @@ def torch_outputs(model, model_inputs: list[ModelInput], task: str) -> list[dict
             ids = torch.tensor(mi.input_ids[None, :], dtype=torch.long)
             types = torch.tensor(mi.token_type_ids[None, :], dtype=torch.long)
             out = model(input_ids=ids, token_type_ids=types, attention_mask=torch.ones_like(ids))
-            if task == "classify":
-                results.append({"logits": out.logits[0].float().numpy()})
-            elif task == "ner":
+            if task == "classify" or task == "ner":
                 results.append({"logits": out.logits[0].float().numpy()})
             elif task == "qa":
                 results.append({

@@ -9,7 +9,6 @@ from __future__ import annotations
 import warnings
 
 import pytest
-
 from compare import assert_matches_pipeline
 
 SENTENCE = "John Smith works for Microsoft in Paris, and Maria Müller met George at the Berlin museum."

@@ -1,0 +1,100 @@
+"""Once ready, the service never compiles: every request runs through a bucket compiled at start-up."""
+
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from service.engine import Bucket, Packer, bucket_grid
+from service.metrics import COMPILES
+from service.tasks.base import ModelInput
+
+WORDS = ["the", "model", "city", "river", "paris", "london", "anna", "george", "works", "lives", "in", "for", "and", "of", "café", "zürich", "1879", "!"]
+
+
+def _text(rng: random.Random, words: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(words))
+
+
+def test_no_compilation_after_ready_whatever_the_lengths(client):
+    rng = random.Random(0)
+    before = COMPILES.compilations
+    requests = []
+    for words in [1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144, 233]:  # from a few tokens to far past the maximum
+        text = _text(rng, words)
+        requests += [
+            ("/classify", {"inputs": text}),
+            ("/classify", {"inputs": {"text": text, "text_pair": _text(rng, words // 2 + 1)}}),
+            ("/fill-mask", {"inputs": "[MASK] " + text}),  # at the start: a mask cut off is a 422
+            ("/fill-mask", {"inputs": " ".join(["[MASK]"] * min(words, 100))}),
+            ("/qa", {"inputs": {"question": _text(rng, 4), "context": text}}),
+            ("/qa", {"inputs": {"question": _text(rng, 3), "context": text}, "parameters": {"max_seq_len": 40, "doc_stride": 10}}),
+            ("/ner", {"inputs": text}),
+            ("/ner", {"inputs": text, "parameters": {"stride": 12}}),
+        ]
+    requests.append(("/classify", {"inputs": [_text(rng, rng.randint(1, 60)) for _ in range(40)]}))
+
+    def send(request):
+        path, body = request
+        return client.post(path, json=body).status_code
+
+    with ThreadPoolExecutor(8) as pool:  # concurrent, so batches of many shapes form too
+        statuses = list(pool.map(send, requests))
+    failures = [(r, s) for r, s in zip(requests, statuses, strict=True) if s != 200]
+    assert not failures, failures[:3]
+    assert COMPILES.compilations == before, "the service compiled while serving"
+    # The metric reports the same counter.
+    metrics = client.get("/metrics").text
+    line = next(line for line in metrics.splitlines() if line.startswith("albert_compilations "))
+    assert float(line.split()[1]) == COMPILES.compilations
+
+
+def test_a_compiled_executable_refuses_other_shapes(runtime):
+    # The guarantee behind the test above: AOT-compiled executables raise on a new shape instead of compiling.
+    runner = runtime.runners["ner"]
+    bucket = runner.buckets[0]
+    executable = runner._compiled[bucket]
+    wrong = [runner._put(np.zeros((bucket.rows, bucket.length + 8), np.int32)) for _ in range(4)]
+    with pytest.raises(TypeError, match="shape"):
+        executable(runner.params, *wrong)
+
+
+def test_every_length_up_to_the_maximum_has_a_bucket():
+    grid = bucket_grid(
+        160, single_row_lengths=[16, 32], multi_row_lengths=[64], row_counts=[1, 2, 4], max_batch_tokens=256
+    )
+    packer = Packer(grid, attention_cost_per_token=0.001)
+    for length in range(1, 161):
+        assert packer.plan([length]) is not None
+    assert Bucket(1, 160) in grid
+
+
+def test_packing_keeps_every_sequence_and_prefers_little_padding():
+    grid = bucket_grid(
+        128, single_row_lengths=[16, 32, 64], multi_row_lengths=[64, 128], row_counts=[1, 2, 4, 8], max_batch_tokens=512
+    )
+    packer = Packer(grid, attention_cost_per_token=0.001)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        lengths = list(rng.integers(3, 60, size=rng.integers(1, 12)))
+        planned = packer.plan(lengths)
+        if planned is None:
+            assert sum(lengths) > 256  # only batches that cannot fit may fail
+            continue
+        bucket, rows = planned
+        assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
+        assert all(sum(lengths[i] for i in row) <= bucket.length for row in rows)
+        # Packing never costs more than giving every sequence a row of its own would.
+        unpacked = [b for b in grid if b.rows >= len(lengths) and b.length >= max(lengths)]
+        if unpacked:
+            assert packer.cost(bucket) <= min(packer.cost(b) for b in unpacked)
+        sequences = [ModelInput(np.arange(n, dtype=np.int32) + 5, np.zeros(n, np.int32)) for n in lengths]
+        batch = packer.pack(sequences)
+        for seq, (r, offset, n) in zip(sequences, batch.placements, strict=True):
+            np.testing.assert_array_equal(batch.input_ids[r, offset : offset + n], seq.input_ids)
+            np.testing.assert_array_equal(batch.position_ids[r, offset : offset + n], np.arange(n))
+            assert len(set(batch.segment_ids[r, offset : offset + n])) == 1
+
