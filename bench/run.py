@@ -1,0 +1,388 @@
+"""The benchmark, in one command: `python -m bench.run`.
+
+1. builds albert-base-v2-shaped checkpoints (random weights, real shapes and a 30,000-piece vocabulary);
+2. measures the float32 matmul roofline of this machine and one bare forward pass per input;
+3. starts the baseline (FastAPI + transformers pipelines on PyTorch, one request at a time), drives each endpoint
+   with closed-loop load at concurrency 1 and 16, and stops it;
+4. does the same with albert-serve on the same checkpoints;
+5. prints requests/s, p50 and p99 latency, the ratios, useful FLOP/s against the roofline, and the targets.
+
+Servers run one at a time, so neither competes with the other for the CPU. Results are also written as JSON to
+bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from . import checkpoint, texts
+from .load import LoadResult, run_load
+
+ROOT = Path(__file__).resolve().parent
+CACHE = ROOT / ".cache"
+ENDPOINTS = ("classify", "fill-mask", "qa", "ner")
+ENV_NAMES = {
+    "classify": "ALBERT_CLASSIFY_MODEL",
+    "fill-mask": "ALBERT_FILL_MASK_MODEL",
+    "qa": "ALBERT_QA_MODEL",
+    "ner": "ALBERT_NER_MODEL",
+}
+FLOPS_PER_TOKEN = None  # set from the config in main()
+
+
+# --- measurements that need no server ---------------------------------------------------------------------
+
+
+def matmul_roofline() -> dict:
+    """Best float32 matmul throughput on this machine (JAX/XLA, the library serving uses), in FLOP/s."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    results = {}
+    for m, k, n in [(512, 768, 3072), (1024, 768, 3072), (2048, 768, 3072), (2048, 2048, 2048)]:
+        a = jnp.asarray(rng.standard_normal((m, k), np.float32))
+        b = jnp.asarray(rng.standard_normal((k, n), np.float32))
+        f = jax.jit(jnp.matmul).lower(a, b).compile()
+        f(a, b).block_until_ready()
+        best = min(_timed(lambda f=f, a=a, b=b: f(a, b).block_until_ready()) for _ in range(15))
+        results[f"{m}x{k}x{n}"] = 2 * m * k * n / best
+    return {"roofline_flops": max(results.values()), "by_shape": results}
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def token_counts(directory: Path, endpoint: str, bodies: list[dict]) -> list[int]:
+    """Model tokens each request costs (special tokens included), as albert-serve tokenizes it."""
+    from model import load_tokenizer
+
+    tokenizer = load_tokenizer(directory)
+    counts = []
+    for body in bodies:
+        inputs = body["inputs"]
+        if endpoint == "qa":
+            counts.append(len(tokenizer.encode(inputs["question"], inputs["context"])[0].ids))
+        else:
+            counts.append(len(tokenizer.encode(inputs)[0].ids))
+    return counts
+
+
+def bare_forward_seconds(directory: Path, bodies: list[dict]) -> list[float]:
+    """One forward pass of each input alone, unpadded, jitted for its exact length: the floor for latency."""
+    import jax
+
+    from model import from_pretrained, load_tokenizer
+
+    model = from_pretrained(directory)
+    tokenizer = load_tokenizer(directory)
+    forward = jax.jit(
+        lambda p, ids, types: model.module.apply({"params": p}, ids, token_type_ids=types)["logits"]
+    )
+    times = []
+    for body in bodies:
+        encoding = tokenizer.encode(body["inputs"])[0]
+        ids = np.asarray([encoding.ids], np.int32)
+        types = np.asarray([encoding.type_ids], np.int32)
+        compiled = forward.lower(model.params, ids, types).compile()
+        compiled(model.params, ids, types).block_until_ready()
+        times.append(
+            min(
+                _timed(lambda c=compiled, i=ids, t=types: c(model.params, i, t).block_until_ready())
+                for _ in range(7)
+            )
+        )
+    return times
+
+
+# --- servers --------------------------------------------------------------------------------------------
+
+
+class Server:
+    def __init__(self, name: str, command: list[str], env: dict[str, str], port: int, log: Path):
+        self.name, self.url = name, f"http://127.0.0.1:{port}"
+        self._log = open(log, "wb")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            command, env={**os.environ, **env}, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        self.log_path = log
+
+    def wait_ready(self, timeout: float = 1800) -> float:
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited:\n{self.log_path.read_text()[-3000:]}")
+            try:
+                if httpx.get(self.url + "/ready", timeout=5).status_code == 200:
+                    return time.monotonic() - start
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name} not ready after {timeout}s")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+        self._log.close()
+
+    def metric(self, name: str) -> dict[str, float]:
+        values = {}
+        for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():
+            if line.startswith(name):
+                key, value = line.rsplit(" ", 1)
+                values[key] = float(value)
+        return values
+
+
+def drive(server: Server, endpoint: str, bodies, tokens, concurrencies, duration) -> dict[int, LoadResult]:
+    results = {}
+    for concurrency in concurrencies:
+        result = run_load(server.url, endpoint, bodies, tokens, concurrency, duration=duration)
+        results[concurrency] = result
+        print(
+            f"  {server.name:>10} {endpoint:>9} c={concurrency:<3} {result.requests_per_s:7.1f} req/s  "
+            f"p50 {result.percentile(50) * 1000:7.1f} ms  p99 {result.percentile(99) * 1000:7.1f} ms  "
+            f"statuses {result.statuses}",
+            flush=True,
+        )
+    return results
+
+
+# --- main -----------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--endpoints", default=",".join(ENDPOINTS))
+    parser.add_argument("--concurrency", default="1,16")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds measured per load point")
+    parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--serve-args", default="", help="extra albert-serve flags, e.g. '--max-wait-ms 5'")
+    args = parser.parse_args(argv)
+    endpoints = [e for e in args.endpoints.split(",") if e]
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+
+    CACHE.mkdir(parents=True, exist_ok=True)
+    print("building the albert-base-shaped checkpoints (cached in bench/.cache) ...", flush=True)
+    repos = checkpoint.build(CACHE / "models")
+    shape = checkpoint.describe(repos)
+    h, i, e, layers = (
+        shape["hidden_size"],
+        shape["intermediate_size"],
+        shape["embedding_size"],
+        shape["num_hidden_layers"],
+    )
+    flops_per_token = layers * 2 * (4 * h * h + 2 * h * i) + 2 * e * h
+    print(f"model {shape}: {flops_per_token / 1e6:.1f} MFLOP per token", flush=True)
+
+    bodies = {endpoint: texts.requests(endpoint, 256, seed=1) for endpoint in endpoints}
+    tokens = {endpoint: token_counts(repos[endpoint], endpoint, bodies[endpoint]) for endpoint in endpoints}
+    latency_bodies = texts.requests("classify", 16, seed=2)
+    latency_tokens = token_counts(repos["classify"], "classify", latency_bodies)
+
+    print("measuring the matmul roofline and bare forward passes ...", flush=True)
+    roofline = matmul_roofline()
+    bare = bare_forward_seconds(repos["classify"], latency_bodies) if "classify" in endpoints else []
+    print(
+        f"roofline {roofline['roofline_flops'] / 1e9:.0f} GFLOP/s (float32 matmul, best of {list(roofline['by_shape'])})"
+        + (f"; bare forward median {statistics.median(bare) * 1000:.1f} ms" if bare else ""),
+        flush=True,
+    )
+
+    results: dict[str, dict] = {"baseline": {}, "albert-serve": {}}
+    logs = CACHE / "logs"
+    logs.mkdir(exist_ok=True)
+    if not args.skip_baseline:
+        baseline = Server(
+            "baseline",
+            [sys.executable, "-m", "bench.baseline_server"],
+            {"BASELINE_MODELS": json.dumps({e: str(repos[e]) for e in endpoints}), "BASELINE_PORT": "8711"},
+            8711,
+            logs / "baseline.log",
+        )
+        try:
+            print(f"baseline ready in {baseline.wait_ready():.0f}s", flush=True)
+            for endpoint in endpoints:
+                results["baseline"][endpoint] = drive(
+                    baseline, endpoint, bodies[endpoint], tokens[endpoint], concurrencies, args.duration
+                )
+            if "classify" in endpoints and 1 in concurrencies:
+                results["baseline"]["latency"] = run_load(
+                    baseline.url, "classify", latency_bodies, latency_tokens, 1, duration=args.duration
+                )
+        finally:
+            baseline.stop()
+
+    env = {ENV_NAMES[e]: (str(repos[e]) if e in endpoints else "") for e in ENDPOINTS}
+    env.update(
+        ALBERT_PORT="8712",
+        ALBERT_HOST="127.0.0.1",
+        ALBERT_COMPILATION_CACHE_DIR=str(CACHE / "jax"),
+        ALBERT_LOG_LEVEL="warning",
+        HF_HUB_OFFLINE="1",
+    )
+    ours = Server(
+        "albert-serve",
+        [sys.executable, "-m", "service", *args.serve_args.split()],
+        env,
+        8712,
+        logs / "albert-serve.log",
+    )
+    try:
+        startup = ours.wait_ready()
+        print(f"albert-serve ready in {startup:.0f}s (compilation cache: {CACHE / 'jax'})", flush=True)
+        for endpoint in endpoints:
+            results["albert-serve"][endpoint] = drive(
+                ours, endpoint, bodies[endpoint], tokens[endpoint], concurrencies, args.duration
+            )
+        if "classify" in endpoints and 1 in concurrencies:
+            results["albert-serve"]["latency"] = run_load(
+                ours.url, "classify", latency_bodies, latency_tokens, 1, duration=args.duration
+            )
+        padding = ours.metric("albert_batch_padding_ratio_sum")
+        batches = ours.metric("albert_batch_padding_ratio_count")
+        compilations = ours.metric("albert_compilations ")
+    finally:
+        ours.stop()
+
+    report = summarize(
+        results,
+        endpoints,
+        concurrencies,
+        roofline,
+        bare,
+        flops_per_token,
+        startup,
+        padding,
+        batches,
+        compilations,
+    )
+    out = ROOT / "results"
+    out.mkdir(exist_ok=True)
+    path = out / time.strftime("bench-%Y%m%d-%H%M%S.json")
+    path.write_text(json.dumps(report, indent=2))
+    print(f"\nresults written to {path}")
+    return 0 if report["targets_met"] else 1
+
+
+def summarize(
+    results,
+    endpoints,
+    concurrencies,
+    roofline,
+    bare,
+    flops_per_token,
+    startup,
+    padding,
+    batches,
+    compilations,
+) -> dict:
+    roof = roofline["roofline_flops"]
+    rows = []
+    print("\n| endpoint | c | server | req/s | p50 ms | p99 ms | useful GFLOP/s | % roofline | all 200 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for endpoint in endpoints:
+        for c in concurrencies:
+            for server in ("baseline", "albert-serve"):
+                r = results[server].get(endpoint, {}).get(c)
+                if r is None:
+                    continue
+                useful = r.tokens * flops_per_token / r.seconds
+                rows.append(
+                    dict(
+                        endpoint=endpoint,
+                        concurrency=c,
+                        server=server,
+                        rps=r.requests_per_s,
+                        p50_ms=r.percentile(50) * 1000,
+                        p99_ms=r.percentile(99) * 1000,
+                        useful_gflops=useful / 1e9,
+                        roofline_pct=100 * useful / roof,
+                        all_ok=r.all_ok,
+                        statuses=r.statuses,
+                    )
+                )
+                print(
+                    f"| {endpoint} | {c} | {server} | {r.requests_per_s:.1f} | {r.percentile(50) * 1000:.1f} | "
+                    f"{r.percentile(99) * 1000:.1f} | {useful / 1e9:.0f} | {100 * useful / roof:.0f}% | {r.all_ok} |"
+                )
+    targets = {}
+    ours, base = results["albert-serve"], results["baseline"]
+    if "classify" in endpoints and 16 in concurrencies:
+        o16 = ours["classify"][16]
+        useful = o16.tokens * flops_per_token / o16.seconds
+        targets["classify c=16 >= 80% of roofline"] = (100 * useful / roof, 100 * useful / roof >= 80)
+        if base:
+            b16 = base["classify"][16]
+            targets["classify c=16 >= 2x baseline req/s"] = (
+                o16.requests_per_s / b16.requests_per_s,
+                o16.requests_per_s >= 2 * b16.requests_per_s,
+            )
+            targets["classify c=16 p99 <= baseline p99 / 2"] = (
+                o16.percentile(99) / b16.percentile(99),
+                o16.percentile(99) <= b16.percentile(99) / 2,
+            )
+    if "latency" in ours and bare:
+        p50 = ours["latency"].percentile(50)
+        floor = statistics.median(bare)
+        targets["classify c=1 p50 within 15% of a bare forward pass"] = (p50 / floor, p50 <= 1.15 * floor)
+        if "latency" in base:
+            targets["classify c=1 p50 <= baseline p50"] = (
+                p50 / base["latency"].percentile(50),
+                p50 <= base["latency"].percentile(50),
+            )
+    all_ok = all(row["all_ok"] for row in rows)
+    targets["every response 200"] = (float(all_ok), all_ok)
+    print("\n| target | measured | met |\n|---|---|---|")
+    for name, (value, met) in targets.items():
+        print(f"| {name} | {value:.2f} | {'yes' if met else 'NO'} |")
+    mean_padding = sum(padding.values()) / max(1.0, sum(batches.values()))
+    print(
+        f"\nalbert-serve: start-up {startup:.0f}s; mean padding per batch {100 * mean_padding:.1f}%; "
+        f"compilations {compilations}; roofline {roof / 1e9:.0f} GFLOP/s; machine {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs"
+    )
+    return {
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": _cpu_name()},
+        "flops_per_token": flops_per_token,
+        "roofline": roofline,
+        "bare_forward_ms": [t * 1000 for t in bare],
+        "startup_s": startup,
+        "rows": rows,
+        "targets": {k: {"value": v, "met": m} for k, (v, m) in targets.items()},
+        "targets_met": all(m for _, m in targets.values()),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
