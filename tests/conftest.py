@@ -6,11 +6,13 @@ import os
 import sys
 from pathlib import Path
 
-# Tests never reach a hub, and run on CPU with 64-bit-free, deterministic settings.
+# Tests never reach a hub, and run on the CPU.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# The PyTorch references run tiny models: one thread is much faster than two fighting over 2 loaded cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 
