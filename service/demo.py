@@ -2,8 +2,8 @@
 
 Builds four small ALBERT repositories, one per endpoint, with this project's own code only (no torch, no
 transformers, so it also runs inside the container image): a SentencePiece tokenizer trained on a few
-thousand generated sentences, and weights initialised at random by the model's own `init`. Then it starts
-`albert-serve` on them.
+thousand generated sentences, and random weights for the parameter tree of the model's own `init`. Then it
+starts `albert-serve` on them.
 
 The weights are random: every endpoint answers with the right shapes, offsets and status codes, but the
 answers mean nothing. Each repository says so: `"demo": true` in config.json, labels named `DEMO_...`, a
@@ -86,7 +86,7 @@ james linda michael sarah david laura thomas emma today tomorrow yesterday morni
 month year century monday friday january june beautiful terrible excellent awful happy sad angry calm
 quick slow large small new old good bad great poor running walking talking reading writing building
 learning teaching playing singing film book song food weather price service staff room trip
-""".split()
+"""
 _TEMPLATES = [
     "{name} lives in {city} and works at the {place}.",
     "The {place} in {city} was {adj} this {time}.",
@@ -95,27 +95,30 @@ _TEMPLATES = [
     "I thought the {thing} was {adj}, but {name} did not.",
 ]
 _FILL = {
-    "name": "john mary peter anna george alice robert maria james linda michael sarah david laura".split(),
-    "city": "paris london berlin tokyo madrid rome lisbon vienna".split(),
-    "country": "france germany japan spain italy portugal austria".split(),
-    "place": "bank market company university hospital station library museum".split(),
-    "adj": "beautiful terrible excellent awful happy sad quick slow large small new old good bad".split(),
-    "time": "morning evening week month year".split(),
-    "thing": "film book song food weather price service staff room trip game match".split(),
+    "name": "john mary peter anna george alice robert maria james linda michael sarah david laura",
+    "city": "paris london berlin tokyo madrid rome lisbon vienna",
+    "country": "france germany japan spain italy portugal austria",
+    "place": "bank market company university hospital station library museum",
+    "adj": "beautiful terrible excellent awful happy sad quick slow large small new old good bad",
+    "time": "morning evening week month year",
+    "thing": "film book song food weather price service staff room trip game match",
 }
 
 
 def demo_corpus(seed: int = 0, lines: int = 3000) -> list[str]:
     """Generated English-like sentences: enough for a SentencePiece vocabulary with real sub-words."""
     rng = random.Random(seed)
+    words = _WORDS.split()
+    fill = {slot: choices.split() for slot, choices in _FILL.items()}
     corpus = []
     for _ in range(lines):
         if rng.random() < 0.5:
             template = rng.choice(_TEMPLATES)
-            sentence = template.format(**{k: rng.choice(v) for k, v in _FILL.items()})
+            sentence = template.format(**{slot: rng.choice(choices) for slot, choices in fill.items()})
         else:
-            words = rng.choices(_WORDS, k=rng.randint(4, 16))
-            sentence = " ".join(words).capitalize() + rng.choice([".", "!", "?", ""])
+            sentence = " ".join(rng.choices(words, k=rng.randint(4, 16))).capitalize() + rng.choice(
+                [".", "!", "?", ""]
+            )
         if rng.random() < 0.2:
             sentence += f" {rng.randint(0, 2030)}"
         corpus.append(sentence)
@@ -240,7 +243,9 @@ def _complete(repo: Path) -> bool:
     return all((repo / name).is_file() for name in ("config.json", "spiece.model", "flax_model.msgpack"))
 
 
-def build_demo_models(directory: str | os.PathLike, *, rebuild: bool = False, seed: int = 0) -> dict[str, Path]:
+def build_demo_models(
+    directory: str | os.PathLike, *, rebuild: bool = False, seed: int = 0
+) -> dict[str, Path]:
     """Build the four demo repositories under `directory` (kept if already there); endpoint -> path."""
     import sentencepiece as spm
 
@@ -270,7 +275,9 @@ def build_demo_models(directory: str | os.PathLike, *, rebuild: bool = False, se
 
 def demo_environment(repos: dict[str, Path]) -> dict[str, str]:
     """The ALBERT_* variables that point the service at the demo repositories, with a small bucket grid."""
-    env = {f"ALBERT_{endpoint.replace('-', '_').upper()}_MODEL": str(path) for endpoint, path in repos.items()}
+    env = {
+        f"ALBERT_{endpoint.replace('-', '_').upper()}_MODEL": str(path) for endpoint, path in repos.items()
+    }
     return {**DEMO_SETTINGS, **env}
 
 
@@ -311,7 +318,9 @@ def main(argv: list[str] | None = None) -> None:
         else:
             os.environ.setdefault(name, value)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    log.warning("serving DEMO models from %s: random weights, every answer is meaningless", repos["classify"].parent)
+    log.warning(
+        "serving DEMO models from %s: random weights, every answer is meaningless", repos["classify"].parent
+    )
 
     from .__main__ import main as serve
 

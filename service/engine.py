@@ -37,6 +37,7 @@ ENDPOINT_TASKS = {
     "qa": "question-answering",
     "ner": "token-classification",
 }
+MAX_MASK_CHUNK = 256
 # Smallest sequence an endpoint produces ([CLS] x [SEP]); bounds how many sequences share a row.
 MIN_SEQUENCE = 3
 
@@ -280,10 +281,10 @@ class ModelRunner:
         matmul = 4 * cfg.hidden_size**2 + 2 * cfg.hidden_size * cfg.intermediate_size
         self.packer = Packer(buckets, attention_cost_per_token=2 * cfg.hidden_size / matmul)
         self._compiled: dict[Any, Callable] = {}
+        # Vocabulary projections run in chunks of at most this many masks: [256, 30000] float32 is 30 MB.
+        largest_chunk = max(len(self.devices), min(self.packer.max_tokens, MAX_MASK_CHUNK))
         self._mask_sizes = (
-            _powers_of_two_up_to(self.packer.max_tokens, start=len(self.devices))
-            if endpoint == "fill-mask"
-            else []
+            _powers_of_two_up_to(largest_chunk, start=len(self.devices)) if endpoint == "fill-mask" else []
         )
 
     # -- compilation ------------------------------------------------------------------------------------
