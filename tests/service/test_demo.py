@@ -1,0 +1,131 @@
+"""The demo checkpoints of `albert-serve-demo`: real Hugging Face repositories, marked as demo weights.
+
+The repositories are built by the project's own code (no transformers); transformers is the reference that
+reads them back: its fast and slow ALBERT tokenizers, and its own Flax ALBERT models on flax_model.msgpack.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import model
+from service import demo
+from service.settings import Settings
+
+TEXTS = [
+    "John lives in Paris and works at the [MASK].",
+    "What is the capital of France? It is Paris, since 1790!",
+    "Zürich  costs $3.50 -- naïve café.",
+]
+TRANSFORMERS_CLASSES = {
+    "classify": "FlaxAlbertForSequenceClassification",
+    "fill-mask": "FlaxAlbertForMaskedLM",
+    "qa": "FlaxAlbertForQuestionAnswering",
+    "ner": "FlaxAlbertForTokenClassification",
+}
+
+
+@pytest.fixture(autouse=True)
+def keep_logging(monkeypatch):
+    # demo.main installs the service's log handler on the root logger; not in the test process.
+    import service.app
+
+    monkeypatch.setattr(service.app, "configure_logging", lambda level: None)
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory):
+    return demo.build_demo_models(tmp_path_factory.mktemp("demo-models"))
+
+
+def test_every_endpoint_gets_a_complete_repository(repos):
+    assert set(repos) == {"classify", "fill-mask", "qa", "ner"}
+    for path in repos.values():
+        names = {p.name for p in path.iterdir()}
+        assert {
+            "config.json",
+            "tokenizer_config.json",
+            "spiece.model",
+            "flax_model.msgpack",
+            "README.md",
+        } <= names
+    # Nothing half-built is left beside them.
+    assert sorted(p.name for p in next(iter(repos.values())).parent.iterdir()) == sorted(repos)
+
+
+def test_repositories_say_they_are_demo_weights(repos):
+    for endpoint, path in repos.items():
+        config = json.loads((path / "config.json").read_text())
+        assert config["demo"] is True
+        assert "random" in (path / "README.md").read_text().lower()
+        if endpoint in ("classify", "ner"):
+            labels = [label for label in config["id2label"].values() if label != "O"]
+            assert labels and all("DEMO_" in label for label in labels)
+
+
+@pytest.mark.parametrize("endpoint", ["classify", "fill-mask", "qa", "ner"])
+def test_repository_loads_with_the_project_and_matches_transformers(repos, endpoint):
+    transformers = pytest.importorskip("transformers")
+    path = repos[endpoint]
+
+    loaded = model.from_pretrained(path)
+    assert loaded.task == demo.DEMO_REPOS[endpoint][0]
+    tokenizer = model.load_tokenizer(path)
+    assert tokenizer.mask_token == "[MASK]" and tokenizer.model_max_length == demo.MAX_LENGTH
+
+    fast = transformers.AlbertTokenizerFast.from_pretrained(str(path))
+    slow = transformers.AlbertTokenizer.from_pretrained(str(path))
+    for text in TEXTS:
+        ours = tokenizer.encode(text)[0].ids
+        assert ours == fast(text)["input_ids"] == slow(text)["input_ids"], text
+
+    reference = getattr(transformers, TRANSFORMERS_CLASSES[endpoint]).from_pretrained(str(path))
+    batch = fast(TEXTS, padding=True, return_tensors="np")
+    expected = reference(**batch)
+    outputs = loaded(**batch)
+    assert outputs
+    for name, value in outputs.items():
+        np.testing.assert_allclose(
+            value, np.asarray(getattr(expected, name)), atol=1e-4, rtol=0, err_msg=name
+        )
+
+
+def test_existing_repositories_are_kept_unless_rebuild(repos):
+    weights = repos["qa"] / "flax_model.msgpack"
+    before = weights.stat().st_mtime_ns
+    os.utime(weights, ns=(before - 10**9, before - 10**9))
+    demo.build_demo_models(repos["qa"].parent)
+    assert weights.stat().st_mtime_ns == before - 10**9
+    demo.build_demo_models(repos["qa"].parent, rebuild=True)
+    assert weights.stat().st_mtime_ns != before - 10**9
+
+
+def test_command_points_the_service_at_the_repositories(repos, monkeypatch):
+    """`albert-serve-demo` sets the four model sources and a small grid, and passes other flags on."""
+    import service.__main__
+
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("ALBERT_")}
+    environment["ALBERT_NER_MODEL"] = "someone/else"  # the demo overrides model sources...
+    environment["ALBERT_BATCH_BUCKETS"] = "1,2"  # ...but keeps other settings the caller gave
+    monkeypatch.setattr(os, "environ", environment)
+    served = {}
+    monkeypatch.setattr(service.__main__, "main", lambda argv: served.update(argv=argv, env=dict(os.environ)))
+
+    demo.main(["--models-dir", str(repos["qa"].parent), "--port", "9123"])
+
+    assert served["argv"] == ["--port", "9123"]
+    settings = Settings()
+    assert settings.model_sources() == {endpoint: str(path) for endpoint, path in repos.items()}
+    assert settings.batch_buckets == [1, 2]
+    assert settings.seq_buckets == [32, 128] and settings.batch_seq_buckets == [128]
+    assert served["env"]["HF_HUB_OFFLINE"] == "1"
+
+
+def test_build_only_prints_the_repositories(repos, capsys):
+    demo.main(["--models-dir", str(repos["qa"].parent), "--build-only"])
+    printed = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
+    assert printed == {endpoint: str(path) for endpoint, path in repos.items()}
