@@ -8,8 +8,8 @@ Every model takes `input_ids`, `attention_mask`, `token_type_ids` ([B, L] ints) 
 serving, several sequences can also be *packed* into one row: pass `segment_ids` (1, 2, ... per
 sequence, 0 for padding) and `position_ids` restarting at 0 for each sequence; attention then stays
 within each sequence, so every sequence gets exactly the result it would get alone. Heads that read one
-vector per sequence (pooled classification) or a few positions (masked LM) take flat indices into the
-B*L tokens to read from.
+vector per sequence (pooled classification) or a few positions (masked LM) take per-row token indices
+[B, K] to read from (`cls_positions`, `positions`; see `take_tokens`).
 """
 
 from __future__ import annotations

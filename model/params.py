@@ -91,7 +91,13 @@ def _torch_candidates(path: tuple[str, ...]) -> tuple[list[str], bool]:
     return [f"{dotted}.{leaf}" for leaf in leaf_names], transpose
 
 
-def fill_params(abstract: dict, checkpoint: Checkpoint, *, tie_word_embeddings: bool = True) -> dict:
+def fill_params(
+    abstract: dict,
+    checkpoint: Checkpoint,
+    *,
+    tie_word_embeddings: bool = True,
+    absolute_positions: bool = True,
+) -> dict:
     """Return a parameter tree shaped like `abstract` (a tree of ShapeDtypeStruct) from `checkpoint`.
 
     Raises CheckpointError naming the file and key for a shape mismatch, and listing every missing and
@@ -118,14 +124,18 @@ def fill_params(abstract: dict, checkpoint: Checkpoint, *, tie_word_embeddings: 
             value = value.T if value.ndim == 2 else value
         filled[path] = _checked(value, spec, name, origin.get(name), transposed=transpose)
 
-    unexpected = sorted(set(tensors) - used - _ignorable(tensors, tie_word_embeddings))
+    unexpected = sorted(set(tensors) - used - _ignorable(tensors, tie_word_embeddings, absolute_positions))
     return _finish(filled, missing, unexpected, checkpoint)
 
 
-def _ignorable(tensors: dict, tie_word_embeddings: bool) -> set[str]:
+def _ignorable(tensors: dict, tie_word_embeddings: bool, absolute_positions: bool = True) -> set[str]:
     ignorable = {f"{BACKBONE_PREFIX}.{b}" for b in _BUFFERS}
     if tie_word_embeddings:
         ignorable.update(_TIED_COPIES)
+    if not absolute_positions:
+        # transformers creates (and saves) position_embeddings whatever position_embedding_type says; a
+        # relative_key(_query) model never reads it, so it is not worth a warning on every load.
+        ignorable.add(f"{BACKBONE_PREFIX}.embeddings.position_embeddings.weight")
     return ignorable & set(tensors)
 
 

@@ -135,7 +135,12 @@ def from_pretrained(
     module = module_cls(config, dtype=compute_dtype, scan_layers=scan_layers)
     abstract = init_params_shape(module, task)
     checkpoint = read_checkpoint(directory)
-    params = fill_params(abstract, checkpoint, tie_word_embeddings=config.tie_word_embeddings)
+    params = fill_params(
+        abstract,
+        checkpoint,
+        tie_word_embeddings=config.tie_word_embeddings,
+        absolute_positions=config.position_embedding_type == "absolute",
+    )
     return PretrainedAlbert(
         config, task, module, cast_for_compute(params, compute_dtype), compute_dtype, directory
     )
