@@ -22,6 +22,11 @@ log = logging.getLogger("albert_serve")
 
 # Left for the server's own connection shutdown after draining.
 _CLOSE_SECONDS = 1.0
+# How long uvicorn waits for connections still open once draining is over. Shorter than _CLOSE_SECONDS:
+# uvicorn notices `should_exit` on a 0.1 s tick and then runs the lifespan shutdown, and all of it must end
+# before the backstop at the deadline (with an equal wait, a request that never completes, e.g. a client
+# that never sends its whole body, always ended in the backstop's exit status 1).
+_SERVER_CLOSE_SECONDS = 0.5
 
 
 class DrainingServer(uvicorn.Server):
@@ -48,13 +53,18 @@ class DrainingServer(uvicorn.Server):
     def _drain(self) -> None:
         deadline = time.monotonic() + self.timeout
         # Backstop: whatever happens, the process is gone by the deadline.
-        backstop = threading.Timer(self.timeout, lambda: os._exit(1))
+        backstop = threading.Timer(self.timeout, self._force_exit)
         backstop.daemon = True
         backstop.start()
         while self.runtime.in_flight > 0 and time.monotonic() < deadline - _CLOSE_SECONDS:
             time.sleep(0.05)
         log.info("drained (%d request(s) left); stopping", self.runtime.in_flight)
         self.should_exit = True
+
+    def _force_exit(self) -> None:
+        # Say why the process ends without its usual shutdown lines (and with status 1).
+        log.warning("shutdown deadline of %.0fs reached; exiting now", self.timeout)
+        os._exit(1)  # no logging.shutdown(): a handler lock held by a stuck thread must not stop the exit
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -68,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         log_config=None,
         access_log=False,
         lifespan="on",
-        timeout_graceful_shutdown=_CLOSE_SECONDS,
+        timeout_graceful_shutdown=_SERVER_CLOSE_SECONDS,
         server_header=False,
     )
     DrainingServer(config, app.state.runtime, settings.shutdown_timeout_s).run()

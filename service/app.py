@@ -52,12 +52,32 @@ def describe_validation_error(exc: RequestValidationError) -> str:
         if kind == "missing" and loc == "body":
             parts.append("the body is empty; expected a JSON object with 'inputs'")
             continue
+        if loc == "body" and isinstance(error.get("input"), bytes):
+            # FastAPI leaves the body as raw bytes when the Content-Type is not JSON (curl -d sends a form).
+            parts.append(
+                f"the body must be JSON sent with 'Content-Type: application/json' (got {_short(error['input'])})"
+            )
+            continue
         message = error.get("msg", "invalid")
         parts.append(
             f"{loc}: {message}" + ("" if kind == "missing" else f" (got {_short(error.get('input'))})")
         )
     more = len(exc.errors()) - 5
     return "; ".join(parts) + (f"; and {more} more" if more > 0 else "")
+
+
+def describe_body_error(cause: BaseException) -> str:
+    """What made a body undecodable, without the parser's internals."""
+    if isinstance(cause, UnicodeDecodeError):
+        return (
+            f"the body is not valid UTF-8: byte 0x{cause.object[cause.start]:02x} at offset {cause.start} "
+            f"({cause.reason})"
+        )
+    if isinstance(cause, RecursionError):
+        return "the body is not valid JSON: it nests arrays or objects too deeply"
+    if isinstance(cause, ValueError) and "digits" in str(cause):
+        return "the body is not valid JSON: it holds an integer with too many digits"
+    return f"the body could not be decoded as JSON ({type(cause).__name__})"
 
 
 class RequestMiddleware:
@@ -97,11 +117,13 @@ class RequestMiddleware:
         if is_task:
             self.runtime.in_flight += 1
         try:
-            body_receive = await self._read_body(scope, receive, headers)
+            body_receive, too_large = await self._read_body(scope, receive, headers)
             if body_receive is None:
                 limit = self.runtime.settings.max_body_bytes
                 await error_response(
-                    413, f"the request body exceeds the limit of {limit} bytes", "payload_too_large"
+                    413,
+                    f"the request body exceeds the limit of {limit} bytes (got {too_large})",
+                    "payload_too_large",
                 )(scope, receive, send_with_id)
             else:
                 await self.app(scope, body_receive, send_with_id)
@@ -117,13 +139,17 @@ class RequestMiddleware:
             self._account(scope, path, status_holder["status"], time.monotonic() - start, request_id)
 
     async def _read_body(self, scope, receive, headers):
-        """Read the whole body (bounded); return a receive() that replays it, or None if it is too large."""
+        """Read the whole body (bounded).
+
+        Returns (a receive() that replays it, None), or (None, how much was received) if it is too large:
+        the 413 names the value received as well as the limit.
+        """
         if scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE"):
-            return receive
+            return receive, None
         limit = self.runtime.settings.max_body_bytes
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            return None
+            return None, f"Content-Length {int(declared)}"
         chunks, size = [], 0
         while True:
             message = await receive()
@@ -132,7 +158,7 @@ class RequestMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > limit:
-                return None
+                return None, f"at least {size} bytes"
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
@@ -146,7 +172,7 @@ class RequestMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        return replay
+        return replay, None
 
     def _account(self, scope, path: str, status: int, seconds: float, request_id: str) -> None:
         label = path if path in _METRIC_PATHS else "other"
@@ -208,6 +234,12 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, start_runt
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
+        # FastAPI answers a JSON body it cannot decode for reasons other than a JSON syntax error (invalid
+        # UTF-8, nesting deeper than the parser's recursion limit, integers of thousands of digits) with a
+        # bare 400 "There was an error parsing the body". The contract says malformed JSON is a 422 that
+        # names what is wrong.
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            return error_response(422, describe_body_error(exc.__cause__), "validation_error")
         kinds = {404: "not_found", 405: "method_not_allowed"}
         message = (
             f"{exc.detail}: {request.method} {request.url.path}"

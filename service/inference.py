@@ -14,7 +14,7 @@ from typing import Any
 
 from starlette.concurrency import run_in_threadpool
 
-from .errors import DeadlineExceeded, ServiceError
+from .errors import DeadlineExceeded, PayloadTooLarge, ServiceError
 from .runtime import Runtime
 
 
@@ -60,6 +60,14 @@ async def infer(
         timings.tokenize = time.monotonic() - start
         if time.monotonic() > deadline:
             raise DeadlineExceeded("the request's deadline passed during tokenization")
+        # A request with more sequences than the whole queue holds (a context of a megabyte cut into
+        # windows) would get a 429 forever: its size, not the load, is the problem.
+        needed = len(prepared.model_inputs)
+        if needed > batcher.max_queue_sequences:
+            raise PayloadTooLarge(
+                f"the request needs {needed} model sequences (windows); the limit is "
+                f"{batcher.max_queue_sequences} (max_queue_sequences)"
+            )
         item = await batcher.submit(endpoint, prepared.model_inputs, deadline)
 
     watcher = asyncio.ensure_future(disconnected())

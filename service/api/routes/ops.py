@@ -33,7 +33,13 @@ async def info(runtime: RuntimeDep) -> dict:
     return runtime.info()
 
 
-@router.get("/metrics", summary="Prometheus metrics.", response_class=Response)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics.",
+    response_class=Response,
+    # Documented, so that the OpenAPI schema names the content type the endpoint really answers with.
+    responses={200: {"description": "Prometheus text format.", "content": {"text/plain": {}}}},
+)
 async def metrics(runtime: RuntimeDep) -> Response:
     runtime.metrics.queue_depth.set(runtime.batcher.queued_sequences if runtime.batcher else 0)
     return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
