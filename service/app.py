@@ -114,6 +114,13 @@ class RequestMiddleware:
             await send(message)
 
         is_task = path in _TASK_PATHS
+        if is_task and self.runtime.draining:
+            # Refused on arrival; a request that arrived before SIGTERM is in flight and will be answered.
+            await error_response(503, "the service is shutting down", "unavailable", {"Retry-After": "5"})(
+                scope, receive, send_with_id
+            )
+            self._account(scope, path, status_holder["status"], time.monotonic() - start, request_id)
+            return
         if is_task:
             self.runtime.in_flight += 1
         try:

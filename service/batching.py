@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .engine import ModelRunner, PackedBatch
+from .engine import ModelRunner, PackedBatch, Plan
 from .errors import DeadlineExceeded, NotReady, QueueFull, ServiceError
 from .tasks.base import ModelInput
 
@@ -169,9 +169,9 @@ class Batcher:
                 endpoint = self._oldest_endpoint()
                 if endpoint is None:
                     continue
-                taken = self._take(endpoint)
+                taken, plan = self._take(endpoint)
             if taken:
-                self._run(endpoint, taken)
+                self._run(endpoint, taken, plan)
 
     def _has_work(self) -> bool:
         return self._queued > 0
@@ -211,35 +211,47 @@ class Batcher:
             else:
                 return
 
-    def _take(self, endpoint: str) -> list[tuple[WorkItem, int]]:
-        """Sequences from the head of `endpoint`'s queue that fit one compiled bucket together."""
+    def _take(self, endpoint: str) -> tuple[list[tuple[WorkItem, int]], Plan | None]:
+        """The next batch of `endpoint`: the packer's best plan over the sequences at the head of its queue.
+
+        Only the head's worth of one largest bucket is offered; what the plan leaves out goes back to the
+        front of the queue, in order, so the oldest sequence is always in the batch and nothing starves.
+        """
         queue = self._queues[endpoint]
         packer = self.runners[endpoint].packer
-        taken: list[tuple[WorkItem, int]] = []
-        lengths: list[int] = []
+        offered: list[tuple[WorkItem, int]] = []
         tokens = 0
-        while queue and len(taken) < self.max_batch_sequences:
+        while queue and len(offered) < self.max_batch_sequences:
             item, index = queue[0]
             if item.done:
                 queue.popleft()
                 self._queued -= 1
                 continue
             n = len(item.sequences[index])
-            if taken and tokens + n > packer.max_tokens:
+            if offered and tokens + n > packer.max_tokens:
                 break
-            queue.popleft()
-            self._queued -= 1
-            taken.append((item, index))
-            lengths.append(n)
+            offered.append(queue.popleft())
             tokens += n
-        # First-fit packing can leave a few sequences without room: give them back for the next batch.
-        while len(taken) > 1 and packer.plan(lengths) is None:
-            queue.appendleft(taken.pop())
-            lengths.pop()
-            self._queued += 1
-        return taken
+        if not offered:
+            return [], None
+        plan = packer.plan([len(item.sequences[index]) for item, index in offered])
+        if plan is None:  # cannot happen for sequences the tasks made (they fit the model); never loop on it
+            self._queued -= 1
+            offered[0][0].resolve(error=ServiceError("a sequence fits no compiled bucket"))
+            for entry in reversed(offered[1:]):
+                queue.appendleft(entry)
+            return [], None
+        chosen = plan.chosen
+        kept = set(chosen)
+        for position in reversed(range(len(offered))):
+            if position not in kept:
+                queue.appendleft(offered[position])
+        self._queued -= len(chosen)
+        renumber = {old: new for new, old in enumerate(chosen)}
+        plan = Plan(plan.bucket, [[renumber[i] for i in row] for row in plan.rows])
+        return [offered[i] for i in chosen], plan
 
-    def _run(self, endpoint: str, taken: list[tuple[WorkItem, int]]) -> None:
+    def _run(self, endpoint: str, taken: list[tuple[WorkItem, int]], plan: Plan) -> None:
         runner = self.runners[endpoint]
         sequences = [item.sequences[index] for item, index in taken]
         start = time.monotonic()
@@ -247,7 +259,7 @@ class Batcher:
             if item.started_at is None:
                 item.started_at = start
         try:
-            outputs, batch = runner.run(sequences)
+            outputs, batch = runner.run(sequences, plan)
         except Exception:
             log.exception("forward pass failed on %s for %d sequences", endpoint, len(sequences))
             for item in {id(i): i for i, _ in taken}.values():

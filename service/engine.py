@@ -56,9 +56,13 @@ class Bucket:
 
 
 def default_single_row_lengths(max_length: int) -> list[int]:
-    """Fine steps where a request alone should pay for little padding; coarser as lengths grow."""
-    lengths = [*range(8, 65, 8), *range(80, 129, 16), *range(160, 257, 32), *range(320, 513, 64)]
-    return [n for n in lengths if n < max_length] + [max_length]
+    """Lengths for a lone request: steps of about 4% (2 tokens up to 48, then 4, 8, 16, 32), since every
+    padding token costs as much as a real one and a lone request should not pay for many."""
+    lengths, n = [], 4
+    while n < max_length:
+        lengths.append(n)
+        n += 2 if n < 48 else 4 if n < 96 else 8 if n < 192 else 16 if n < 384 else 32
+    return [*lengths, max_length]
 
 
 def bucket_grid(
@@ -87,7 +91,7 @@ def bucket_grid(
     grid = {
         Bucket(rows_for(1), n) for n in clip(single_row_lengths or default_single_row_lengths(max_length))
     }
-    multi = clip(multi_row_lengths or [64, 128, 256, 512])
+    multi = clip(multi_row_lengths or [32, 64, 128, 256, 512])
     for rows in row_counts:
         if rows <= 1:
             continue
@@ -123,11 +127,25 @@ def sequences_per_row(length: int) -> int:
     return max(1, length // MIN_SEQUENCE)
 
 
-def _first_fit_decreasing(lengths: list[int], row_length: int, per_row: int) -> list[list[int]]:
-    """Assign sequence indices to rows of `row_length` tokens, longest first, each to the first row it fits."""
-    rows: list[list[int]] = []
-    free: list[int] = []
-    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+@dataclass
+class Plan:
+    """Which of the offered sequences go into which bucket, row by row (indices into the offered list)."""
+
+    bucket: Bucket
+    rows: list[list[int]]
+
+    @property
+    def chosen(self) -> list[int]:
+        return sorted(i for row in self.rows for i in row)
+
+
+def _fill_rows(lengths: list[int], row_length: int, max_rows: int, per_row: int) -> list[list[int]]:
+    """Place the first sequence (the oldest: it must go), then the others longest first, each in the first row
+    with room, opening rows up to `max_rows`; sequences that fit nowhere are left out. Rows come back in
+    the order they were opened, the first holding the oldest sequence."""
+    rows: list[list[int]] = [[0]]
+    free = [row_length - lengths[0]]
+    for index in sorted(range(1, len(lengths)), key=lambda i: -lengths[i]):
         need = lengths[index]
         for r, room in enumerate(free):
             if need <= room and len(rows[r]) < per_row:
@@ -135,13 +153,21 @@ def _first_fit_decreasing(lengths: list[int], row_length: int, per_row: int) -> 
                 free[r] -= need
                 break
         else:
-            rows.append([index])
-            free.append(row_length - need)
+            if len(rows) < max_rows and need <= row_length:
+                rows.append([index])
+                free.append(row_length - need)
     return rows
 
 
 class Packer:
-    """Chooses the cheapest compiled bucket for a set of sequences and lays them out in it."""
+    """Chooses, among compiled buckets, the batch that serves the most tokens per second.
+
+    Given the waiting sequences in arrival order, each candidate bucket is filled (the oldest sequence
+    always, then the others longest first) and scored by real tokens served per second of its measured
+    run time. So a lone request gets the smallest bucket that holds it, and under load a bucket is filled
+    to the brim rather than a bigger one padded; whatever does not fit waits for the next batch, first in
+    line. Costs start from a FLOP estimate and are replaced by each bucket's measured time at warm-up.
+    """
 
     def __init__(self, buckets: list[Bucket], attention_cost_per_token: float):
         self.buckets = sorted(buckets)
@@ -149,34 +175,89 @@ class Packer:
         self.max_length = self.lengths[-1]
         self.max_tokens = max(b.tokens for b in buckets)
         self._rows_by_length = {n: sorted(b.rows for b in buckets if b.length == n) for n in self.lengths}
+        self._min_rows = min(b.rows for b in buckets)
         # Relative cost of attention per token and per unit of row length (attention is quadratic in the row).
         self.attention_cost = attention_cost_per_token
+        self._costs = {b: b.tokens * (1.0 + attention_cost_per_token * b.length) for b in self.buckets}
+        self.measured = False
 
     def cost(self, bucket: Bucket) -> float:
-        return bucket.tokens * (1.0 + self.attention_cost * bucket.length)
+        return self._costs[bucket]
 
-    def plan(self, lengths: list[int]) -> tuple[Bucket, list[list[int]]] | None:
-        """The cheapest bucket holding all `lengths`, with the sequence indices of each row; None if none can."""
-        longest = max(lengths)
-        best = None
-        for row_length in self.lengths:
-            if row_length < longest:
-                continue
-            rows = _first_fit_decreasing(lengths, row_length, sequences_per_row(row_length))
-            fitting = [r for r in self._rows_by_length[row_length] if r >= len(rows)]
-            if not fitting:
-                continue
-            bucket = Bucket(fitting[0], row_length)
-            if best is None or self.cost(bucket) < self.cost(best[0]):
-                best = (bucket, rows)
+    def set_measured_costs(self, seconds: dict[Bucket, float]) -> None:
+        """Use measured run times; smoothed so a bigger bucket never looks cheaper than a smaller one."""
+        costs = dict(seconds)
+        for bucket in sorted(costs, key=lambda b: (b.length, b.rows)):
+            smaller = [
+                costs[b] for b in costs if b.length <= bucket.length and b.rows <= bucket.rows and b != bucket
+            ]
+            costs[bucket] = max([costs[bucket], *smaller])
+        self._costs.update(costs)
+        self.measured = True
+
+    def _candidate_lengths(self, lengths: list[int]) -> list[int]:
+        # Row lengths worth trying: every length that offers more than the fewest rows, and among the others
+        # the smallest holding the oldest sequence and the smallest holding everything offered.
+        head, total = lengths[0], sum(lengths)
+        fitting = [n for n in self.lengths if n >= head]
+        if not fitting:
+            return []
+        candidates = {fitting[0]}
+        candidates.update([n for n in fitting if n >= total][:1])
+        candidates.update(n for n in fitting if self._rows_by_length[n][-1] > self._min_rows)
+        return sorted(candidates)
+
+    def plan(self, lengths: list[int]) -> Plan | None:
+        """The best batch from sequences of these lengths (arrival order; the first must be included)."""
+        if not lengths or lengths[0] > self.max_length:
+            return None
+        best, best_score = None, -1.0
+        for row_length in self._candidate_lengths(lengths):
+            row_counts = self._rows_by_length[row_length]
+            rows = _fill_rows(lengths, row_length, row_counts[-1], sequences_per_row(row_length))
+            fills = [sum(lengths[i] for i in row) for row in rows]
+            # The head's row, then the fullest others: the best `count` rows of this filling.
+            order = [0, *sorted(range(1, len(rows)), key=lambda r: -fills[r])]
+            for count in row_counts:
+                kept = order[:count]
+                bucket = Bucket(count, row_length)
+                score = sum(fills[r] for r in kept) / self.cost(bucket)
+                if score > best_score * (1 + 1e-9):
+                    best, best_score = Plan(bucket, [rows[r] for r in kept]), score
+                if count >= len(rows):
+                    break  # more rows would only add padding
         return best
 
-    def pack(self, sequences: list[ModelInput]) -> PackedBatch:
+    def plan_all(self, lengths: list[int]) -> Plan | None:
+        """The cheapest bucket holding every one of `lengths`; None if none can."""
+        best = None
+        for row_length in self.lengths:
+            if row_length < max(lengths):
+                continue
+            order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+            rows = _fill_rows(
+                [lengths[i] for i in order], row_length, len(lengths), sequences_per_row(row_length)
+            )
+            rows = [[order[i] for i in row] for row in rows]
+            fitting = [r for r in self._rows_by_length[row_length] if r >= len(rows)]
+            if fitting and (
+                best is None or self.cost(Bucket(fitting[0], row_length)) < self.cost(best.bucket)
+            ):
+                best = Plan(Bucket(fitting[0], row_length), rows)
+        return best
+
+    def pack(self, sequences: list[ModelInput], plan: Plan | None = None) -> PackedBatch:
+        """Lay out `sequences` as `plan` says (by default, all of them in the cheapest bucket holding them).
+
+        The plan must place every one of `sequences`."""
         lengths = [len(s) for s in sequences]
-        planned = self.plan(lengths)
-        if planned is None:
-            raise ValueError(f"no compiled bucket holds sequences of lengths {lengths}")
-        bucket, rows = planned
+        if plan is None:
+            plan = self.plan_all(lengths)
+            if plan is None:
+                raise ValueError(f"no compiled bucket holds sequences of lengths {lengths}")
+        if plan.chosen != list(range(len(sequences))):
+            raise ValueError("the plan does not place every sequence exactly once")
+        bucket = plan.bucket
         shape = (bucket.rows, bucket.length)
         input_ids = np.zeros(shape, np.int32)
         token_type_ids = np.zeros(shape, np.int32)
@@ -185,7 +266,7 @@ class Packer:
         first_tokens = np.zeros((bucket.rows, sequences_per_row(bucket.length)), np.int32)
         placements: list[tuple[int, int, int]] = [(0, 0, 0)] * len(sequences)
         slots: list[tuple[int, int]] = [(0, 0)] * len(sequences)
-        for r, members in enumerate(rows):
+        for r, members in enumerate(plan.rows):
             offset = 0
             for k, index in enumerate(members):
                 seq, n = sequences[index], lengths[index]
@@ -281,6 +362,7 @@ class ModelRunner:
         matmul = 4 * cfg.hidden_size**2 + 2 * cfg.hidden_size * cfg.intermediate_size
         self.packer = Packer(buckets, attention_cost_per_token=2 * cfg.hidden_size / matmul)
         self._compiled: dict[Any, Callable] = {}
+        self._seconds: dict[Bucket, float] = {}  # measured run time of each bucket
         # Vocabulary projections run in chunks of at most this many masks: [256, 30000] float32 is 30 MB.
         largest_chunk = max(len(self.devices), min(self.packer.max_tokens, MAX_MASK_CHUNK))
         self._mask_sizes = (
@@ -316,7 +398,9 @@ class ModelRunner:
                 args.append(self._spec((bucket.rows, sequences_per_row(bucket.length))))
 
             def compile_bucket(bucket=bucket, args=args):
-                self._compiled[bucket] = self._warmed(jitted.lower(params, *args).compile(), args)
+                executable = jitted.lower(params, *args).compile()
+                self._compiled[bucket] = executable
+                self._seconds[bucket] = self._warm_and_time(executable, args)
 
             tasks.append((str(bucket), compile_bucket))
         if self.endpoint == "fill-mask":
@@ -325,38 +409,50 @@ class ModelRunner:
                 spec = self._spec((size, self.config.embedding_size), self.model.dtype)
 
                 def compile_vocab(size=size, spec=spec):
-                    self._compiled[("vocab", size)] = self._warmed(vocab.lower(params, spec).compile(), [spec])
+                    executable = vocab.lower(params, spec).compile()
+                    self._compiled[("vocab", size)] = executable
+                    self._warm_and_time(executable, [spec], repeats=0)
 
                 tasks.append((f"vocab x{size}", compile_vocab))
         return tasks
 
-    def _warmed(self, executable, specs: list[jax.ShapeDtypeStruct]):
-        # The first call of an executable pays one-off costs (allocations, thread pools); pay them now.
-        zeros = [self._put(np.zeros(spec.shape, spec.dtype)) for spec in specs]
+    def _warm_and_time(self, executable, specs: list[jax.ShapeDtypeStruct], repeats: int = 2) -> float:
+        """Run once to pay one-off costs (allocations, thread pools), then time `repeats` runs: the best is
+        the bucket's cost for the packer."""
+        zeros = [np.zeros(spec.shape, spec.dtype) for spec in specs]
         jax.block_until_ready(executable(self.params, *zeros))
-        return executable
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            jax.block_until_ready(executable(self.params, *zeros))
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    def calibrate(self) -> None:
+        """Hand the measured bucket times to the packer (once compile_tasks have all run)."""
+        if self._seconds:
+            self.packer.set_measured_costs(self._seconds)
 
     def compile_all(self) -> Iterator[tuple[str, float]]:
         for label, thunk in self.compile_tasks():
             start = time.perf_counter()
             thunk()
             yield label, time.perf_counter() - start
+        self.calibrate()
 
     # -- running ----------------------------------------------------------------------------------------
 
-    def _put(self, array: np.ndarray):
-        return jax.device_put(array, self._by_rows)
-
-    def run(self, sequences: list[ModelInput]) -> tuple[list[dict[str, np.ndarray]], PackedBatch]:
-        """Run sequences (which must fit one bucket: see Packer.plan) and return each one's outputs."""
-        batch = self.packer.pack(sequences)
+    def run(
+        self, sequences: list[ModelInput], plan: Plan | None = None
+    ) -> tuple[list[dict[str, np.ndarray]], PackedBatch]:
+        """Run `sequences`, laid out by `plan` (which must place them all; by default the cheapest bucket
+        holding them), and return each one's outputs."""
+        batch = self.packer.pack(sequences, plan)
         executable = self._compiled[batch.bucket]
-        inputs = [
-            self._put(a)
-            for a in (batch.input_ids, batch.token_type_ids, batch.position_ids, batch.segment_ids)
-        ]
+        # numpy in: the executable transfers (and shards) its inputs itself, cheaper than device_put calls.
+        inputs = (batch.input_ids, batch.token_type_ids, batch.position_ids, batch.segment_ids)
         if self.endpoint == "classify":
-            logits = np.asarray(executable(self.params, *inputs, self._put(batch.first_tokens))["logits"])
+            logits = np.asarray(executable(self.params, *inputs, batch.first_tokens)["logits"])
             return [{"logits": logits[r, k]} for r, k in batch.slots], batch
         outputs = {name: np.asarray(value) for name, value in executable(self.params, *inputs).items()}
         if self.endpoint == "fill-mask":
@@ -386,7 +482,7 @@ class ModelRunner:
                 size = next(s for s in self._mask_sizes if s >= len(chunk))
                 padded = np.zeros((size, chunk.shape[1]), chunk.dtype)
                 padded[: len(chunk)] = chunk
-                out = self._compiled[("vocab", size)](self.params, self._put(padded))["probs"]
+                out = self._compiled[("vocab", size)](self.params, padded)["probs"]
                 chunks.append(np.asarray(out)[: len(chunk)])
             probs = np.concatenate(chunks)
         results, start = [], 0

@@ -156,6 +156,7 @@ class Runtime:
                 status.compiled,
                 status.total,
             )
+        runner.calibrate()
         self.runners[endpoint] = runner
         self.tasks[endpoint] = build_task(endpoint, tokenizer, max_length, loaded.config)
         status.state, status.detail = "ready", ""
@@ -167,8 +168,6 @@ class Runtime:
             raise EndpointDisabled(
                 f"no model is configured for /{endpoint}; set {_ENV_BY_ENDPOINT[endpoint]} to a model source"
             )
-        if self.draining:
-            raise NotReady("the service is shutting down", headers={"Retry-After": "5"})
         if not self._ready.is_set():
             raise NotReady(f"the service is starting: {self.pending_summary()}", headers={"Retry-After": "5"})
         return self.tasks[endpoint]

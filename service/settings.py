@@ -69,11 +69,11 @@ class Settings(BaseSettings):
     )
     batch_seq_buckets: IntList = Field(
         default_factory=list,
-        description="Row lengths compiled for multi-row batches (comma-separated); empty: 64,128,256,512 "
+        description="Row lengths compiled for multi-row batches (comma-separated); empty: 32,64,128,256,512 "
         "within the model's maximum.",
     )
     batch_buckets: IntList = Field(
-        default_factory=lambda: [1, 2, 4, 8, 16],
+        default_factory=lambda: [1, 2, 3, 4, 6, 8, 12, 16],
         description="Numbers of rows per batch compiled (comma-separated). Short sequences are packed "
         "several to a row.",
     )

@@ -49,13 +49,13 @@ class Gate:
     def open(self) -> None:
         self._open.set()
 
-    def __call__(self, sequences):
+    def __call__(self, sequences, plan=None):
         with self._lock:
             self.seen.extend(tuple(int(t) for t in s.input_ids) for s in sequences)
         self.entered.set()
         if not self._open.wait(60):
             raise TimeoutError("the test never opened the gate")
-        return self._run(sequences)
+        return self._run(sequences, plan)
 
     def ran(self, ids: list[tuple[int, ...]]) -> bool:
         with self._lock:

@@ -478,7 +478,7 @@ def test_a_failing_task_is_a_json_500_without_internals(lenient_client, runtime,
 
 
 def test_a_failing_forward_pass_is_a_json_500_without_internals(lenient_client, runtime, monkeypatch):
-    def explode(sequences):
+    def explode(sequences, plan=None):
         raise MemoryError("device out of memory at 0x7f3a secret")
 
     monkeypatch.setattr(runtime.runners["ner"], "run", explode)

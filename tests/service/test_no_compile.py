@@ -12,7 +12,26 @@ from service.engine import Bucket, Packer, bucket_grid
 from service.metrics import COMPILES
 from service.tasks.base import ModelInput
 
-WORDS = ["the", "model", "city", "river", "paris", "london", "anna", "george", "works", "lives", "in", "for", "and", "of", "café", "zürich", "1879", "!"]
+WORDS = [
+    "the",
+    "model",
+    "city",
+    "river",
+    "paris",
+    "london",
+    "anna",
+    "george",
+    "works",
+    "lives",
+    "in",
+    "for",
+    "and",
+    "of",
+    "café",
+    "zürich",
+    "1879",
+    "!",
+]
 
 
 def _text(rng: random.Random, words: int) -> str:
@@ -31,7 +50,13 @@ def test_no_compilation_after_ready_whatever_the_lengths(client):
             ("/fill-mask", {"inputs": "[MASK] " + text}),  # at the start: a mask cut off is a 422
             ("/fill-mask", {"inputs": " ".join(["[MASK]"] * min(words, 100))}),
             ("/qa", {"inputs": {"question": _text(rng, 4), "context": text}}),
-            ("/qa", {"inputs": {"question": _text(rng, 3), "context": text}, "parameters": {"max_seq_len": 40, "doc_stride": 10}}),
+            (
+                "/qa",
+                {
+                    "inputs": {"question": _text(rng, 3), "context": text},
+                    "parameters": {"max_seq_len": 40, "doc_stride": 10},
+                },
+            ),
             ("/ner", {"inputs": text}),
             ("/ner", {"inputs": text, "parameters": {"stride": 12}}),
         ]
@@ -57,7 +82,7 @@ def test_a_compiled_executable_refuses_other_shapes(runtime):
     runner = runtime.runners["ner"]
     bucket = runner.buckets[0]
     executable = runner._compiled[bucket]
-    wrong = [runner._put(np.zeros((bucket.rows, bucket.length + 8), np.int32)) for _ in range(4)]
+    wrong = [np.zeros((bucket.rows, bucket.length + 8), np.int32) for _ in range(4)]
     with pytest.raises(TypeError, match="compiled with int32"):
         executable(runner.params, *wrong)
 
@@ -72,29 +97,59 @@ def test_every_length_up_to_the_maximum_has_a_bucket():
     assert Bucket(1, 160) in grid
 
 
-def test_packing_keeps_every_sequence_and_prefers_little_padding():
+def test_packing_plans_are_valid_and_always_serve_the_oldest():
     grid = bucket_grid(
-        128, single_row_lengths=[16, 32, 64], multi_row_lengths=[64, 128], row_counts=[1, 2, 4, 8], max_batch_tokens=512
+        128,
+        single_row_lengths=[16, 32, 64],
+        multi_row_lengths=[32, 64, 128],
+        row_counts=[1, 2, 3, 4, 8],
+        max_batch_tokens=512,
     )
     packer = Packer(grid, attention_cost_per_token=0.001)
     rng = np.random.default_rng(0)
-    for _ in range(200):
-        lengths = list(rng.integers(3, 60, size=rng.integers(1, 12)))
-        planned = packer.plan(lengths)
-        if planned is None:
-            assert sum(lengths) > 256  # only batches that cannot fit may fail
+    for _ in range(300):
+        lengths = [int(n) for n in rng.integers(3, 60, size=rng.integers(1, 30))]
+        plan = packer.plan(lengths)
+        assert plan is not None and 0 in plan.chosen  # the oldest sequence is always served
+        assert len(plan.chosen) == len(set(plan.chosen))
+        assert len(plan.rows) <= plan.bucket.rows
+        assert all(sum(lengths[i] for i in row) <= plan.bucket.length for row in plan.rows)
+
+        everything = packer.plan_all(lengths)
+        if everything is None:
+            assert sum(lengths) > 128  # only sets larger than a bucket may find none
             continue
-        bucket, rows = planned
-        assert sorted(i for row in rows for i in row) == list(range(len(lengths)))
-        assert all(sum(lengths[i] for i in row) <= bucket.length for row in rows)
+        assert everything.chosen == list(range(len(lengths)))
         # Packing never costs more than giving every sequence a row of its own would.
         unpacked = [b for b in grid if b.rows >= len(lengths) and b.length >= max(lengths)]
         if unpacked:
-            assert packer.cost(bucket) <= min(packer.cost(b) for b in unpacked)
+            assert packer.cost(everything.bucket) <= min(packer.cost(b) for b in unpacked)
         sequences = [ModelInput(np.arange(n, dtype=np.int32) + 5, np.zeros(n, np.int32)) for n in lengths]
-        batch = packer.pack(sequences)
+        batch = packer.pack(sequences, everything)
         for seq, (r, offset, n) in zip(sequences, batch.placements, strict=True):
             np.testing.assert_array_equal(batch.input_ids[r, offset : offset + n], seq.input_ids)
             np.testing.assert_array_equal(batch.position_ids[r, offset : offset + n], np.arange(n))
             assert len(set(batch.segment_ids[r, offset : offset + n])) == 1
 
+
+def test_measured_costs_steer_the_choice():
+    grid = bucket_grid(
+        32, single_row_lengths=[32], multi_row_lengths=[32], row_counts=[1, 2, 4], max_batch_tokens=128
+    )
+    packer = Packer(grid, attention_cost_per_token=0.0)
+    # A fixed cost per forward pass (as on real hardware) favours filling the biggest bucket; what does not
+    # fit waits for the next batch, and the oldest sequence is in this one.
+    packer.set_measured_costs({b: 1.0 + b.tokens / 32 for b in grid})
+    plan = packer.plan([30, 30, 30, 30, 30])
+    assert plan.bucket == Bucket(4, 32) and plan.chosen == [0, 1, 2, 3]
+    # With no fixed cost, a lone short sequence takes the smallest bucket.
+    packer.set_measured_costs({b: b.tokens for b in grid})
+    assert packer.plan([7]).bucket == Bucket(1, 32)
+    # Measured costs are smoothed: a bigger bucket never looks cheaper than a smaller one.
+    packer.set_measured_costs({b: (0.001 if b.rows == 4 else 1.0) for b in grid})
+    assert all(
+        packer.cost(a) <= packer.cost(b)
+        for a in grid
+        for b in grid
+        if a.rows <= b.rows and a.length <= b.length
+    )
