@@ -1,11 +1,12 @@
 """Dynamic batching: one device worker thread, fed by per-endpoint queues of sequences.
 
 Requests are tokenized on the event loop's thread pool, then their sequences are queued here. The worker
-takes the endpoint whose oldest sequence has waited longest (fairness across endpoints), fills a batch with
-that endpoint's sequences in arrival order up to the token and sequence limits, packs it into the cheapest
-compiled bucket and runs it. While the device is busy, new sequences accumulate, so batches grow with load
-on their own; the worker only waits (at most `max_wait`) when the batch is not full and other requests are
-still being tokenized. An idle service never waits.
+takes the endpoint whose oldest sequence has waited longest (fairness across endpoints) and asks that
+endpoint's packer for the batch that serves the most tokens per second of measured device time among the
+sequences at the head of its queue (see engine.Packer); the oldest sequence is always in it. While the
+device is busy, new sequences accumulate, so batches grow with load on their own; the worker only waits
+(at most `max_wait`) for requests it knows are on their way (see `_wait_for_more`). An idle service, or a
+lone client, never waits.
 
 Each request's sequences may be spread over several batches (long QA contexts); its future completes when
 the last one is done. Cancelled (client gone) and expired requests are dropped before they reach the device.
@@ -94,7 +95,8 @@ class Batcher:
         self.on_batch = on_batch  # callback(BatchStats), for metrics
         self._queues: dict[str, deque[tuple[WorkItem, int]]] = {e: deque() for e in runners}
         self._queued = 0
-        self._preparing = 0  # requests admitted and still being tokenized
+        self._queued_tokens = dict.fromkeys(runners, 0)
+        self._preparing = dict.fromkeys(runners, 0)  # requests being tokenized, about to be queued
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -113,10 +115,11 @@ class Batcher:
         if self._thread is not None:
             self._thread.join(timeout)
         with self._cond:
-            for queue in self._queues.values():
+            for endpoint, queue in self._queues.items():
                 for item, _ in queue:
                     item.resolve(error=NotReady("the service is shutting down"))
                 queue.clear()
+                self._queued_tokens[endpoint] = 0
             self._queued = 0
 
     @property
@@ -125,9 +128,9 @@ class Batcher:
 
     # -- admission ----------------------------------------------------------------------------------------
 
-    def preparing(self) -> _Preparing:
-        """Context manager marking a request as being tokenized (the worker may wait for it briefly)."""
-        return _Preparing(self)
+    def preparing(self, endpoint: str) -> _Preparing:
+        """Context manager around a request's tokenization and submission (see `_wait_for_more`)."""
+        return _Preparing(self, endpoint)
 
     async def submit(self, endpoint: str, sequences: list[ModelInput], deadline: float) -> WorkItem:
         """Queue `sequences`; returns the WorkItem, whose `future` completes with one output per sequence."""
@@ -149,6 +152,7 @@ class Batcher:
             for index in range(len(sequences)):
                 queue.append((item, index))
             self._queued += len(sequences)
+            self._queued_tokens[endpoint] += sum(len(s) for s in sequences)
             self._cond.notify()
         return item
 
@@ -161,30 +165,40 @@ class Batcher:
     def _loop(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and not self._has_work():
+                while not self._stopping and self._queued == 0:
                     self._cond.wait()
                 if self._stopping:
                     return
-                self._wait_for_stragglers()
                 endpoint = self._oldest_endpoint()
                 if endpoint is None:
                     continue
+                waited = self._wait_for_more(endpoint)
                 taken, plan = self._take(endpoint)
+                if taken and log.isEnabledFor(logging.DEBUG):
+                    log.debug(
+                        "batch %s %s: %d sequences, %d tokens, waited %.1f ms, %d sequences left queued",
+                        endpoint,
+                        plan.bucket,
+                        len(taken),
+                        sum(len(i.sequences[k]) for i, k in taken),
+                        waited * 1000,
+                        self._queued,
+                    )
             if taken:
                 self._run(endpoint, taken, plan)
 
-    def _has_work(self) -> bool:
-        return self._queued > 0
-
-    def _wait_for_stragglers(self) -> None:
-        # Requests still being tokenized would otherwise miss this batch and wait a whole forward pass.
-        # Never waits when nothing else is on its way (an idle service answers at once).
-        deadline = time.monotonic() + self.max_wait_s
-        while self._preparing > 0 and self._queued < self.max_batch_sequences:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._stopping:
-                return
+    def _wait_for_more(self, endpoint: str) -> float:
+        """Wait (at most `max_wait`) while requests of `endpoint` are being tokenized: they would otherwise miss
+        this batch by a millisecond and wait a whole forward pass. An idle service, or a lone client, has
+        nothing being tokenized and never waits; nor does a queue that already fills the largest bucket."""
+        limit = self.runners[endpoint].packer.max_tokens
+        start = time.monotonic()
+        while not self._stopping and self._preparing[endpoint] > 0 and self._queued_tokens[endpoint] < limit:
+            remaining = start + self.max_wait_s - time.monotonic()
+            if remaining <= 0:
+                break
             self._cond.wait(remaining)
+        return time.monotonic() - start
 
     def _oldest_endpoint(self) -> str | None:
         oldest, chosen = None, None
@@ -194,16 +208,21 @@ class Batcher:
                 oldest, chosen = queue[0][0].enqueued_at, endpoint
         return chosen
 
+    def _dequeued(self, item: WorkItem, index: int) -> None:
+        """Bookkeeping for one sequence leaving the queue (taken, or dropped)."""
+        self._queued -= 1
+        self._queued_tokens[item.endpoint] -= len(item.sequences[index])
+
     def _drop_dead(self, queue: deque) -> None:
         now = time.monotonic()
         while queue:
-            item, _ = queue[0]
+            item, index = queue[0]
             if item.done:
                 queue.popleft()
-                self._queued -= 1
+                self._dequeued(item, index)
             elif now > item.deadline:
                 queue.popleft()
-                self._queued -= 1
+                self._dequeued(item, index)
                 item.cancelled = True
                 item.resolve(
                     error=DeadlineExceeded("the request's deadline passed while it waited in the queue")
@@ -225,7 +244,7 @@ class Batcher:
             item, index = queue[0]
             if item.done:
                 queue.popleft()
-                self._queued -= 1
+                self._dequeued(item, index)
                 continue
             n = len(item.sequences[index])
             if offered and tokens + n > packer.max_tokens:
@@ -236,8 +255,9 @@ class Batcher:
             return [], None
         plan = packer.plan([len(item.sequences[index]) for item, index in offered])
         if plan is None:  # cannot happen for sequences the tasks made (they fit the model); never loop on it
-            self._queued -= 1
-            offered[0][0].resolve(error=ServiceError("a sequence fits no compiled bucket"))
+            item, index = offered[0]
+            self._dequeued(item, index)
+            item.resolve(error=ServiceError("a sequence fits no compiled bucket"))
             for entry in reversed(offered[1:]):
                 queue.appendleft(entry)
             return [], None
@@ -246,10 +266,12 @@ class Batcher:
         for position in reversed(range(len(offered))):
             if position not in kept:
                 queue.appendleft(offered[position])
-        self._queued -= len(chosen)
+        for position in chosen:
+            self._dequeued(*offered[position])
         renumber = {old: new for new, old in enumerate(chosen)}
-        plan = Plan(plan.bucket, [[renumber[i] for i in row] for row in plan.rows])
-        return [offered[i] for i in chosen], plan
+        return [offered[i] for i in chosen], Plan(
+            plan.bucket, [[renumber[i] for i in row] for row in plan.rows]
+        )
 
     def _run(self, endpoint: str, taken: list[tuple[WorkItem, int]], plan: Plan) -> None:
         runner = self.runners[endpoint]
@@ -296,14 +318,14 @@ class Batcher:
 
 
 class _Preparing:
-    def __init__(self, batcher: Batcher):
-        self.batcher = batcher
+    def __init__(self, batcher: Batcher, endpoint: str):
+        self.batcher, self.endpoint = batcher, endpoint
 
     def __enter__(self):
         with self.batcher._cond:
-            self.batcher._preparing += 1
+            self.batcher._preparing[self.endpoint] += 1
 
     def __exit__(self, *exc):
         with self.batcher._cond:
-            self.batcher._preparing -= 1
+            self.batcher._preparing[self.endpoint] -= 1
             self.batcher._cond.notify()

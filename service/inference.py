@@ -55,7 +55,7 @@ async def infer(
     task = runtime.task_for(endpoint)
     batcher = runtime.batcher
     start = time.monotonic()
-    with batcher.preparing():
+    with batcher.preparing(endpoint):
         prepared = await run_in_threadpool(task.prepare, items, params)
         timings.tokenize = time.monotonic() - start
         if time.monotonic() > deadline:

@@ -92,7 +92,8 @@ class Settings(BaseSettings):
     max_wait_ms: float = Field(
         2.0,
         ge=0,
-        description="Longest a ready batch waits for requests still being tokenized; never paid when idle.",
+        description="Longest a batch waits for requests of its endpoint still being tokenized; never paid by "
+        "an idle service or a lone client.",
     )
     max_queue_sequences: int = Field(
         4096, ge=1, description="Sequences allowed to wait for the model; beyond it requests get 429."
