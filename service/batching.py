@@ -45,6 +45,7 @@ class WorkItem:
     remaining: int = 0
     cancelled: bool = False
     started_at: float | None = None  # first batch that holds one of its sequences
+    passed_over: set = field(default_factory=set)  # indices of sequences a batch left behind once
     inference_seconds: float = 0.0
 
     def __post_init__(self):
@@ -253,7 +254,15 @@ class Batcher:
             tokens += n
         if not offered:
             return [], None
-        plan = packer.plan([len(item.sequences[index]) for item, index in offered])
+        lengths = [len(item.sequences[index]) for item, index in offered]
+        # Sequences passed over once sit at the front (they are the oldest) and must go now.
+        required = 1
+        while required < len(offered) and offered[required][1] in offered[required][0].passed_over:
+            required += 1
+        plan = None
+        while plan is None and required >= 1:
+            plan = packer.plan(lengths, required)
+            required -= 1
         if plan is None:  # cannot happen for sequences the tasks made (they fit the model); never loop on it
             item, index = offered[0]
             self._dequeued(item, index)
@@ -265,6 +274,8 @@ class Batcher:
         kept = set(chosen)
         for position in reversed(range(len(offered))):
             if position not in kept:
+                item, index = offered[position]
+                item.passed_over.add(index)
                 queue.appendleft(offered[position])
         for position in chosen:
             self._dequeued(*offered[position])

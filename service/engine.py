@@ -16,6 +16,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,12 +57,12 @@ class Bucket:
 
 
 def default_single_row_lengths(max_length: int) -> list[int]:
-    """Lengths for a lone request: steps of about 4% (2 tokens up to 48, then 4, 8, 16, 32), since every
-    padding token costs as much as a real one and a lone request should not pay for many."""
+    """Lengths for a lone request: steps of 2 tokens up to 32, then 4, 8, 16 and 32 (about 5% at most),
+    since every padding token costs as much as a real one and a lone request should not pay for many."""
     lengths, n = [], 4
     while n < max_length:
         lengths.append(n)
-        n += 2 if n < 48 else 4 if n < 96 else 8 if n < 192 else 16 if n < 384 else 32
+        n += 2 if n < 32 else 4 if n < 64 else 8 if n < 128 else 16 if n < 256 else 32
     return [*lengths, max_length]
 
 
@@ -139,13 +140,16 @@ class Plan:
         return sorted(i for row in self.rows for i in row)
 
 
-def _fill_rows(lengths: list[int], row_length: int, max_rows: int, per_row: int) -> list[list[int]]:
-    """Place the first sequence (the oldest: it must go), then the others longest first, each in the first row
-    with room, opening rows up to `max_rows`; sequences that fit nowhere are left out. Rows come back in
-    the order they were opened, the first holding the oldest sequence."""
-    rows: list[list[int]] = [[0]]
-    free = [row_length - lengths[0]]
-    for index in sorted(range(1, len(lengths)), key=lambda i: -lengths[i]):
+def _fill_rows(
+    lengths: list[int], row_length: int, max_rows: int, per_row: int, required: int = 1
+) -> list[list[int]] | None:
+    """Place the first `required` sequences (those that must go: the oldest) in order, then the others longest
+    first, each in the first row with room, opening rows up to `max_rows`; other sequences that fit nowhere
+    are left out. Rows come back in the order they were opened. None if a required sequence does not fit."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    order = [*range(required), *sorted(range(required, len(lengths)), key=lambda i: -lengths[i])]
+    for index in order:
         need = lengths[index]
         for r, room in enumerate(free):
             if need <= room and len(rows[r]) < per_row:
@@ -156,6 +160,8 @@ def _fill_rows(lengths: list[int], row_length: int, max_rows: int, per_row: int)
             if len(rows) < max_rows and need <= row_length:
                 rows.append([index])
                 free.append(row_length - need)
+            elif index < required:
+                return None
     return rows
 
 
@@ -166,7 +172,8 @@ class Packer:
     always, then the others longest first) and scored by real tokens served per second of its measured
     run time. So a lone request gets the smallest bucket that holds it, and under load a bucket is filled
     to the brim rather than a bigger one padded; whatever does not fit waits for the next batch, first in
-    line. Costs start from a FLOP estimate and are replaced by each bucket's measured time at warm-up.
+    line, and is never passed over twice (the batcher marks it required). Costs start from a FLOP estimate
+    and are replaced by each bucket's measured time at warm-up.
     """
 
     def __init__(self, buckets: list[Bucket], attention_cost_per_token: float):
@@ -195,30 +202,35 @@ class Packer:
         self._costs.update(costs)
         self.measured = True
 
-    def _candidate_lengths(self, lengths: list[int]) -> list[int]:
+    def _candidate_lengths(self, lengths: list[int], required: int) -> list[int]:
         # Row lengths worth trying: every length that offers more than the fewest rows, and among the others
-        # the smallest holding the oldest sequence and the smallest holding everything offered.
-        head, total = lengths[0], sum(lengths)
-        fitting = [n for n in self.lengths if n >= head]
-        if not fitting:
-            return []
-        candidates = {fitting[0]}
-        candidates.update([n for n in fitting if n >= total][:1])
+        # the smallest holding the required sequences one by one, all together, and everything offered.
+        longest = max(lengths[:required])
+        fitting = [n for n in self.lengths if n >= longest]
+        candidates = set(fitting[:1])
+        for total in (sum(lengths[:required]), sum(lengths)):
+            candidates.update([n for n in fitting if n >= total][:1])
         candidates.update(n for n in fitting if self._rows_by_length[n][-1] > self._min_rows)
         return sorted(candidates)
 
-    def plan(self, lengths: list[int]) -> Plan | None:
-        """The best batch from sequences of these lengths (arrival order; the first must be included)."""
-        if not lengths or lengths[0] > self.max_length:
+    def plan(self, lengths: list[int], required: int = 1) -> Plan | None:
+        """The best batch from sequences of these lengths, in arrival order; the first `required` must be in it
+        (the oldest, and any passed over before). None if they cannot all go in one bucket."""
+        if not lengths or max(lengths[:required]) > self.max_length:
             return None
         best, best_score = None, -1.0
-        for row_length in self._candidate_lengths(lengths):
+        for row_length in self._candidate_lengths(lengths, required):
             row_counts = self._rows_by_length[row_length]
-            rows = _fill_rows(lengths, row_length, row_counts[-1], sequences_per_row(row_length))
+            rows = _fill_rows(lengths, row_length, row_counts[-1], sequences_per_row(row_length), required)
+            if rows is None:
+                continue
             fills = [sum(lengths[i] for i in row) for row in rows]
-            # The head's row, then the fullest others: the best `count` rows of this filling.
-            order = [0, *sorted(range(1, len(rows)), key=lambda r: -fills[r])]
+            # Rows holding required sequences, then the fullest others: the best `count` rows of this filling.
+            must = [r for r, row in enumerate(rows) if min(row) < required]
+            order = [*must, *sorted((r for r in range(len(rows)) if r not in must), key=lambda r: -fills[r])]
             for count in row_counts:
+                if count < len(must):
+                    continue
                 kept = order[:count]
                 bucket = Bucket(count, row_length)
                 score = sum(fills[r] for r in kept) / self.cost(bucket)
@@ -379,66 +391,65 @@ class ModelRunner:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated), self.params
         )
 
-    def compile_tasks(self) -> list[tuple[str, Callable[[], None]]]:
-        """(label, thunk) for every executable this endpoint needs; the caller runs and times them."""
+    def _programs(self) -> list[tuple[Any, str, Callable, list[jax.ShapeDtypeStruct]]]:
+        """(key, label, jitted function, argument specs) for every executable this endpoint needs."""
         module = self.model.module
-        params = self._param_specs()
-        tasks = []
-        main = {
-            "classify": _classify_fn,
-            "ner": _token_fn,
-            "qa": _token_fn,
-            "fill-mask": _mlm_features_fn,
-        }[self.endpoint](module)
-        jitted = jax.jit(main)
+        main = jax.jit(
+            {"classify": _classify_fn, "ner": _token_fn, "qa": _token_fn, "fill-mask": _mlm_features_fn}[
+                self.endpoint
+            ](module)
+        )
+        programs = []
         for bucket in self.buckets:
             shape = (bucket.rows, bucket.length)
-            args = [self._spec(shape) for _ in range(4)]
+            specs = [self._spec(shape) for _ in range(4)]
             if self.endpoint == "classify":
-                args.append(self._spec((bucket.rows, sequences_per_row(bucket.length))))
-
-            def compile_bucket(bucket=bucket, args=args):
-                executable = jitted.lower(params, *args).compile()
-                self._compiled[bucket] = executable
-                self._seconds[bucket] = self._warm_and_time(executable, args)
-
-            tasks.append((str(bucket), compile_bucket))
+                specs.append(self._spec((bucket.rows, sequences_per_row(bucket.length))))
+            programs.append((bucket, str(bucket), main, specs))
         if self.endpoint == "fill-mask":
             vocab = jax.jit(_mlm_probs_fn(module))
             for size in self._mask_sizes:
                 spec = self._spec((size, self.config.embedding_size), self.model.dtype)
+                programs.append((("vocab", size), f"vocab x{size}", vocab, [spec]))
+        return programs
 
-                def compile_vocab(size=size, spec=spec):
-                    executable = vocab.lower(params, spec).compile()
-                    self._compiled[("vocab", size)] = executable
-                    self._warm_and_time(executable, [spec], repeats=0)
+    def program_count(self) -> int:
+        return len(self.buckets) + len(self._mask_sizes)
 
-                tasks.append((f"vocab x{size}", compile_vocab))
-        return tasks
+    def compile_all(self, threads: int = 2) -> Iterator[tuple[str, float]]:
+        """Compile every executable, then warm each up and time it; yields (label, compile seconds).
 
-    def _warm_and_time(self, executable, specs: list[jax.ShapeDtypeStruct], repeats: int = 2) -> float:
-        """Run once to pay one-off costs (allocations, thread pools), then time `repeats` runs: the best is
-        the bucket's cost for the packer."""
+        XLA compiles outside the GIL, so `threads` compile side by side; the timing runs go one at a time,
+        as they must have the machine to themselves. Measured times then become the packer's costs.
+        """
+        params = self._param_specs()
+
+        def compile_one(program):
+            key, label, jitted, specs = program
+            start = time.perf_counter()
+            executable = jitted.lower(params, *specs).compile()
+            return key, label, executable, specs, time.perf_counter() - start
+
+        compiled = []
+        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="compile") as pool:
+            for key, label, executable, specs, seconds in pool.map(compile_one, self._programs()):
+                self._compiled[key] = executable
+                compiled.append((key, executable, specs))
+                yield label, seconds
+        for key, executable, specs in compiled:
+            seconds = self._warm_and_time(executable, specs)
+            if isinstance(key, Bucket):
+                self._seconds[key] = seconds
+        self.packer.set_measured_costs(self._seconds)
+
+    def _warm_and_time(self, executable, specs: list[jax.ShapeDtypeStruct]) -> float:
+        """Run once to pay one-off costs (allocations, thread pools), then time one run: the bucket's cost for
+        the packer (per-bucket differences are large and systematic, so one timed run ranks them well)."""
         zeros = [np.zeros(spec.shape, spec.dtype) for spec in specs]
         jax.block_until_ready(executable(self.params, *zeros))
-        best = float("inf")
-        for _ in range(repeats):
-            start = time.perf_counter()
-            jax.block_until_ready(executable(self.params, *zeros))
-            best = min(best, time.perf_counter() - start)
-        return best
-
-    def calibrate(self) -> None:
-        """Hand the measured bucket times to the packer (once compile_tasks have all run)."""
-        if self._seconds:
-            self.packer.set_measured_costs(self._seconds)
-
-    def compile_all(self) -> Iterator[tuple[str, float]]:
-        for label, thunk in self.compile_tasks():
-            start = time.perf_counter()
-            thunk()
-            yield label, time.perf_counter() - start
-        self.calibrate()
+        start = time.perf_counter()
+        jax.block_until_ready(executable(self.params, *zeros))
+        return time.perf_counter() - start
 
     # -- running ----------------------------------------------------------------------------------------
 

@@ -140,23 +140,14 @@ class Runtime:
             devices=len(devices),
         )
         runner = ModelRunner(endpoint, loaded, buckets, devices)
-        compile_tasks = runner.compile_tasks()
-        status.state, status.total = "compiling", len(compile_tasks)
-        for label, thunk in compile_tasks:
-            t0 = time.perf_counter()
-            thunk()
-            seconds = time.perf_counter() - t0
+        status.state, status.total = "compiling", runner.program_count()
+        for label, seconds in runner.compile_all():
             status.compiled += 1
             self.metrics.compile_seconds.labels(endpoint, label).set(seconds)
             log.info(
-                "%s: compiled bucket %s in %.2fs (%d/%d)",
-                endpoint,
-                label,
-                seconds,
-                status.compiled,
-                status.total,
+                "%s: compiled %s in %.2fs (%d/%d)", endpoint, label, seconds, status.compiled, status.total
             )
-        runner.calibrate()
+        status.state = "warming up"
         self.runners[endpoint] = runner
         self.tasks[endpoint] = build_task(endpoint, tokenizer, max_length, loaded.config)
         status.state, status.detail = "ready", ""

@@ -73,7 +73,7 @@ class Settings(BaseSettings):
         "within the model's maximum.",
     )
     batch_buckets: IntList = Field(
-        default_factory=lambda: [1, 2, 3, 4, 6, 8, 12, 16],
+        default_factory=lambda: [1, 2, 4, 6, 8, 12, 16],
         description="Numbers of rows per batch compiled (comma-separated). Short sequences are packed "
         "several to a row.",
     )
