@@ -12,12 +12,15 @@ replicated.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -416,11 +419,13 @@ class ModelRunner:
     def program_count(self) -> int:
         return len(self.buckets) + len(self._mask_sizes)
 
-    def compile_all(self, threads: int = 2) -> Iterator[tuple[str, float]]:
-        """Compile every executable, then warm each up and time it; yields (label, compile seconds).
+    def compile_all(self, threads: int = 2, costs_file: Path | None = None) -> Iterator[tuple[str, float]]:
+        """Compile every executable, then time one run of each bucket; yields (label, compile seconds).
 
-        XLA compiles outside the GIL, so `threads` compile side by side; the timing runs go one at a time,
-        as they must have the machine to themselves. Measured times then become the packer's costs.
+        XLA compiles outside the GIL, so `threads` compile side by side; the timed runs go one at a time, as
+        they must have the machine to themselves (the first run also pays each executable's one-off costs
+        before any request does). Measured times become the packer's costs. With `costs_file`, times measured
+        by an earlier start of the same model on the same machine are reused instead of measured again.
         """
         params = self._param_specs()
 
@@ -436,20 +441,65 @@ class ModelRunner:
                 self._compiled[key] = executable
                 compiled.append((key, executable, specs))
                 yield label, seconds
+        known = self._read_costs(costs_file)
         for key, executable, specs in compiled:
-            seconds = self._warm_and_time(executable, specs)
+            if isinstance(key, Bucket) and str(key) in known:
+                self._seconds[key] = known[str(key)]
+                continue
+            seconds = self._timed_run(executable, specs)
             if isinstance(key, Bucket):
                 self._seconds[key] = seconds
         self.packer.set_measured_costs(self._seconds)
+        self._write_costs(costs_file)
 
-    def _warm_and_time(self, executable, specs: list[jax.ShapeDtypeStruct]) -> float:
-        """Run once to pay one-off costs (allocations, thread pools), then time one run: the bucket's cost for
-        the packer (per-bucket differences are large and systematic, so one timed run ranks them well)."""
+    def _timed_run(self, executable, specs: list[jax.ShapeDtypeStruct]) -> float:
         zeros = [np.zeros(spec.shape, spec.dtype) for spec in specs]
-        jax.block_until_ready(executable(self.params, *zeros))
         start = time.perf_counter()
         jax.block_until_ready(executable(self.params, *zeros))
         return time.perf_counter() - start
+
+    def costs_key(self) -> str:
+        """What measured costs depend on: the model's shape, the dtype, the devices and the JAX version."""
+        cfg = self.config
+        identity = {
+            "endpoint": self.endpoint,
+            "shape": [
+                cfg.vocab_size,
+                cfg.embedding_size,
+                cfg.hidden_size,
+                cfg.num_hidden_layers,
+                cfg.num_hidden_groups,
+                cfg.inner_group_num,
+                cfg.num_attention_heads,
+                cfg.intermediate_size,
+                cfg.hidden_act,
+                cfg.position_embedding_type,
+                cfg.num_labels,
+            ],
+            "dtype": jnp.dtype(self.model.dtype).name,
+            "devices": [d.device_kind for d in self.devices],
+            "jax": jax.__version__,
+        }
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _read_costs(self, costs_file: Path | None) -> dict[str, float]:
+        if costs_file is None or not costs_file.is_file():
+            return {}
+        try:
+            return json.loads(costs_file.read_text()).get(self.costs_key(), {})
+        except (OSError, ValueError, AttributeError):
+            return {}  # a damaged file only costs the measurement
+
+    def _write_costs(self, costs_file: Path | None) -> None:
+        if costs_file is None:
+            return
+        try:
+            costs_file.parent.mkdir(parents=True, exist_ok=True)
+            table = json.loads(costs_file.read_text()) if costs_file.is_file() else {}
+            table[self.costs_key()] = {str(b): seconds for b, seconds in self._seconds.items()}
+            costs_file.write_text(json.dumps(table, indent=1))
+        except (OSError, ValueError) as exc:
+            log.warning("could not save bucket costs to %s: %s", costs_file, exc)
 
     # -- running ----------------------------------------------------------------------------------------
 

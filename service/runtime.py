@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import jax
 
@@ -141,7 +142,9 @@ class Runtime:
         )
         runner = ModelRunner(endpoint, loaded, buckets, devices)
         status.state, status.total = "compiling", runner.program_count()
-        for label, seconds in runner.compile_all():
+        cache = self.settings.compilation_cache_dir
+        costs_file = Path(cache) / "albert-serve-bucket-costs.json" if cache else None
+        for label, seconds in runner.compile_all(costs_file=costs_file):
             status.compiled += 1
             self.metrics.compile_seconds.labels(endpoint, label).set(seconds)
             log.info(
