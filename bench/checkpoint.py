@@ -29,7 +29,7 @@ ARCHITECTURES = {
 }
 
 
-def _corpus(path: Path, seed: int = 0) -> None:
+def _corpus(seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     syllables = [a + b for a in "bcdfghjklmnprstvwz" for b in "aeiou"] + [
         "th",
@@ -41,45 +41,21 @@ def _corpus(path: Path, seed: int = 0) -> None:
         "gr",
     ]
     made_up = ["".join(rng.choice(syllables) for _ in range(rng.randint(2, 4))) for _ in range(60000)]
-    lines = []
-    for _ in range(120000):
-        lines.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 25))))
-    for _ in range(120000):
-        lines.append(" ".join(rng.choice(made_up) for _ in range(rng.randint(5, 20))))
+    lines = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 25))) for _ in range(120000)]
+    lines += [" ".join(rng.choice(made_up) for _ in range(rng.randint(5, 20))) for _ in range(120000)]
     rng.shuffle(lines)
-    path.write_text("\n".join(lines), encoding="utf-8")
+    return lines
 
 
 def build_tokenizer(directory: Path) -> None:
-    import sentencepiece as spm
     from transformers import AlbertTokenizerFast
 
+    from service.demo import train_spiece
+
     directory.mkdir(parents=True, exist_ok=True)
-    corpus = directory / "corpus.txt"
-    _corpus(corpus)
-    spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(directory / "spiece"),
-        model_type="unigram",
-        vocab_size=VOCAB_SIZE,
-        pad_id=0,
-        pad_piece="<pad>",
-        unk_id=1,
-        unk_piece="<unk>",
-        bos_id=2,
-        bos_piece="[CLS]",
-        eos_id=3,
-        eos_piece="[SEP]",
-        user_defined_symbols=["[MASK]"],
-        input_sentence_size=240000,
-        shuffle_input_sentence=True,
-        minloglevel=2,
-    )
-    corpus.unlink()
-    (directory / "spiece.vocab").unlink()
-    AlbertTokenizerFast(vocab_file=str(directory / "spiece.model"), model_max_length=512).save_pretrained(
-        str(directory)
-    )
+    spiece = directory / "spiece.model"
+    spiece.write_bytes(train_spiece(VOCAB_SIZE, sentences=_corpus(), exact_vocab_size=True))
+    AlbertTokenizerFast(vocab_file=str(spiece), model_max_length=512).save_pretrained(str(directory))
 
 
 def build(root: Path) -> dict[str, Path]:

@@ -26,19 +26,13 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from service.settings import ENDPOINTS, model_env_var
+
 from . import checkpoint, texts
 from .load import LoadResult, run_load
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / ".cache"
-ENDPOINTS = ("classify", "fill-mask", "qa", "ner")
-ENV_NAMES = {
-    "classify": "ALBERT_CLASSIFY_MODEL",
-    "fill-mask": "ALBERT_FILL_MASK_MODEL",
-    "qa": "ALBERT_QA_MODEL",
-    "ner": "ALBERT_NER_MODEL",
-}
-FLOPS_PER_TOKEN = None  # set from the config in main()
 
 
 # --- measurements that need no server ---------------------------------------------------------------------
@@ -234,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             baseline.stop()
 
-    env = {ENV_NAMES[e]: (str(repos[e]) if e in endpoints else "") for e in ENDPOINTS}
+    env = {model_env_var(e): (str(repos[e]) if e in endpoints else "") for e in ENDPOINTS}
     env.update(
         ALBERT_PORT="8712",
         ALBERT_HOST="127.0.0.1",

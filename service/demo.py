@@ -22,6 +22,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from .settings import model_env_var
+
 log = logging.getLogger("albert_serve.demo")
 
 DEFAULT_DIRECTORY = "demo-models"
@@ -125,17 +127,20 @@ def demo_corpus(seed: int = 0, lines: int = 3000) -> list[str]:
     return corpus
 
 
-def train_spiece(vocab_size: int = 800, seed: int = 0) -> bytes:
-    """A unigram SentencePiece model (the bytes of spiece.model) with ALBERT's special pieces and ids."""
+def train_spiece(
+    vocab_size: int = 800, seed: int = 0, sentences=None, exact_vocab_size: bool = False
+) -> bytes:
+    """A unigram SentencePiece model (the bytes of spiece.model) with ALBERT's special pieces and ids,
+    trained on `sentences` (default: the demo corpus)."""
     import sentencepiece as spm
 
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(demo_corpus(seed)),
+        sentence_iterator=iter(demo_corpus(seed) if sentences is None else sentences),
         model_writer=model,
         model_type="unigram",
         vocab_size=vocab_size,
-        hard_vocab_limit=False,  # the corpus is small; a slightly smaller vocabulary is fine
+        hard_vocab_limit=exact_vocab_size,  # the demo corpus is small; a slightly smaller vocabulary is fine
         character_coverage=1.0,
         pad_id=0,
         pad_piece="<pad>",
@@ -275,9 +280,7 @@ def build_demo_models(
 
 def demo_environment(repos: dict[str, Path]) -> dict[str, str]:
     """The ALBERT_* variables that point the service at the demo repositories, with a small bucket grid."""
-    env = {
-        f"ALBERT_{endpoint.replace('-', '_').upper()}_MODEL": str(path) for endpoint, path in repos.items()
-    }
+    env = {model_env_var(endpoint): str(path) for endpoint, path in repos.items()}
     return {**DEMO_SETTINGS, **env}
 
 

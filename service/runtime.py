@@ -21,17 +21,10 @@ from .batching import Batcher
 from .engine import ENDPOINT_TASKS, ModelRunner, bucket_grid
 from .errors import EndpointDisabled, NotReady
 from .metrics import Metrics
-from .settings import Settings
+from .settings import Settings, model_env_var
 from .tasks import build_task
 
 log = logging.getLogger(__name__)
-
-_ENV_BY_ENDPOINT = {
-    "classify": "ALBERT_CLASSIFY_MODEL",
-    "fill-mask": "ALBERT_FILL_MASK_MODEL",
-    "qa": "ALBERT_QA_MODEL",
-    "ner": "ALBERT_NER_MODEL",
-}
 
 
 def configure_compilation_cache(directory: str) -> None:
@@ -160,7 +153,7 @@ class Runtime:
     def task_for(self, endpoint: str):
         if endpoint not in self.status:
             raise EndpointDisabled(
-                f"no model is configured for /{endpoint}; set {_ENV_BY_ENDPOINT[endpoint]} to a model source"
+                f"no model is configured for /{endpoint}; set {model_env_var(endpoint)} to a model source"
             )
         if not self._ready.is_set():
             raise NotReady(f"the service is starting: {self.pending_summary()}", headers={"Retry-After": "5"})
@@ -219,5 +212,5 @@ class Runtime:
 
 def _describe_failure(endpoint: str, source: str, exc: Exception) -> str:
     if isinstance(exc, albert.SourceNotFoundError):
-        return f"{exc} (set {_ENV_BY_ENDPOINT[endpoint]} to a local model directory, or to empty to disable /{endpoint})"
+        return f"{exc} (set {model_env_var(endpoint)} to a local model directory, or to empty to disable /{endpoint})"
     return f"{type(exc).__name__}: {exc}"

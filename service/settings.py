@@ -15,6 +15,13 @@ from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ENDPOINTS = ("classify", "fill-mask", "qa", "ner")
+# endpoint -> the setting that names its model source
+MODEL_FIELDS = {
+    "classify": "classify_model",
+    "fill-mask": "fill_mask_model",
+    "qa": "qa_model",
+    "ner": "ner_model",
+}
 
 # Public checkpoints a user would deploy by default (the fill-mask default is fixed by the contract).
 DEFAULT_MODELS = {
@@ -144,17 +151,17 @@ class Settings(BaseSettings):
 
     def model_sources(self) -> dict[str, str]:
         """Endpoint -> model source, for the endpoints that are enabled."""
-        sources = {
-            "classify": self.classify_model,
-            "fill-mask": self.fill_mask_model,
-            "qa": self.qa_model,
-            "ner": self.ner_model,
-        }
-        return {endpoint: source.strip() for endpoint, source in sources.items() if source.strip()}
+        sources = {endpoint: getattr(self, field).strip() for endpoint, field in MODEL_FIELDS.items()}
+        return {endpoint: source for endpoint, source in sources.items() if source}
 
     @staticmethod
     def env_name(field: str) -> str:
         return "ALBERT_" + field.upper()
+
+
+def model_env_var(endpoint: str) -> str:
+    """The environment variable naming `endpoint`'s model source, e.g. ALBERT_QA_MODEL."""
+    return Settings.env_name(MODEL_FIELDS[endpoint])
 
 
 def build_parser() -> argparse.ArgumentParser:
