@@ -89,7 +89,9 @@ def train_sentencepiece(directory: Path, vocab_size: int = 600, seed: int = 0) -
     return prefix.with_suffix(".model")
 
 
-def save_tokenizer(directory: Path, spiece_model: Path, *, fast: bool = True, model_max_length: int = 128) -> None:
+def save_tokenizer(
+    directory: Path, spiece_model: Path, *, fast: bool = True, model_max_length: int = 128
+) -> None:
     """Save an ALBERT tokenizer the way a hub repository holds one.
 
     fast=True writes tokenizer.json (plus spiece.model); fast=False writes only the slow tokenizer's
@@ -217,8 +219,9 @@ def build_repo(
     config = tiny_config(vocab_size, **config_overrides)
     model = build_torch_model(task, config, seed=seed)
     save_checkpoint(model, directory, fmt)
-    save_tokenizer(directory, spiece_model, fast=fast_tokenizer,
-                   model_max_length=config.max_position_embeddings)
+    save_tokenizer(
+        directory, spiece_model, fast=fast_tokenizer, model_max_length=config.max_position_embeddings
+    )
     return model
 
 

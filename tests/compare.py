@@ -22,7 +22,7 @@ def _close(a: Any, b: Any, atol: float, path: str) -> None:
     elif isinstance(b, (list, tuple)):
         assert isinstance(a, (list, tuple)), f"{path}: expected a list, got {a!r}"
         assert len(a) == len(b), f"{path}: {len(a)} items != reference {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _close(x, y, atol, f"{path}[{i}]")
     elif isinstance(b, float) or (hasattr(b, "dtype") and "float" in str(b.dtype)):
         assert math.isclose(float(a), float(b), abs_tol=atol), f"{path}: {a} != reference {b} (atol {atol})"
@@ -59,11 +59,13 @@ def _reorder_ties(ours: list, ref: list, tie: float) -> list:
     return result
 
 
-def assert_matches_pipeline(ours: Any, ref: Any, atol: float = ATOL, tie: float = 1e-5, path: str = "answer") -> None:
+def assert_matches_pipeline(
+    ours: Any, ref: Any, atol: float = ATOL, tie: float = 1e-5, path: str = "answer"
+) -> None:
     """Assert that `ours` equals the pipeline's `ref`, scores within atol, ties in any order."""
     if isinstance(ref, list) and isinstance(ours, list) and len(ours) == len(ref):
         if all(isinstance(x, list) for x in ref):
-            for i, (a, b) in enumerate(zip(ours, ref)):
+            for i, (a, b) in enumerate(zip(ours, ref, strict=True)):
                 assert_matches_pipeline(a, b, atol, tie, f"{path}[{i}]")
             return
         ours = _reorder_ties(ours, ref, tie)

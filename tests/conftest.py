@@ -16,9 +16,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import pytest  # noqa: E402
-
-import builders  # noqa: E402
+import builders
+import pytest
 
 
 @pytest.fixture(scope="session")

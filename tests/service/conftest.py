@@ -58,5 +58,7 @@ def pipelines(service_repos) -> dict:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for endpoint, (directory, _) in service_repos.items():
-            result[endpoint] = pipeline(PIPELINE_TASKS[endpoint], model=str(directory), tokenizer=str(directory))
+            result[endpoint] = pipeline(
+                PIPELINE_TASKS[endpoint], model=str(directory), tokenizer=str(directory)
+            )
     return result

@@ -22,10 +22,12 @@ def torch_outputs(model, model_inputs: list[ModelInput], task: str) -> list[dict
             if task == "classify" or task == "ner":
                 results.append({"logits": out.logits[0].float().numpy()})
             elif task == "qa":
-                results.append({
-                    "start_logits": out.start_logits[0].float().numpy(),
-                    "end_logits": out.end_logits[0].float().numpy(),
-                })
+                results.append(
+                    {
+                        "start_logits": out.start_logits[0].float().numpy(),
+                        "end_logits": out.end_logits[0].float().numpy(),
+                    }
+                )
             elif task == "fill-mask":
                 logits = out.logits[0, torch.as_tensor(mi.mask_positions, dtype=torch.long)].float()
                 results.append({"probs": torch.softmax(logits, dim=-1).numpy()})

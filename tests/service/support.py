@@ -50,7 +50,9 @@ class ServiceProcess:
         executable = shutil.which("albert-serve", path=str(Path(sys.executable).parent)) or "albert-serve"
         full_env = {**os.environ, **env, "ALBERT_HOST": "127.0.0.1", "ALBERT_PORT": str(self.port)}
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen([executable], env=full_env, stdout=self._log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(
+            [executable], env=full_env, stdout=self._log, stderr=subprocess.STDOUT
+        )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -60,7 +62,9 @@ class ServiceProcess:
         start = time.monotonic()
         while time.monotonic() - start < timeout:
             if self.process.poll() is not None:
-                raise RuntimeError(f"albert-serve exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+                raise RuntimeError(
+                    f"albert-serve exited with {self.process.returncode}:\n{self.log()[-3000:]}"
+                )
             try:
                 response = httpx.get(self.url + "/ready", timeout=5)
             except httpx.TransportError:

@@ -16,7 +16,9 @@ UNICODE = "François et José visitèrent Zürich, São Paulo et München — ca
 LONG = " ".join(
     f"In {year} the engineer {name} travelled from {city} to the capital to teach at the university."
     for year, name, city in zip(
-        range(1901, 1931), ["Anna", "Peter", "Maria", "George", "Linda", "Thomas"] * 5, ["Rome", "Tokyo", "Madrid"] * 10,
+        range(1901, 1931),
+        ["Anna", "Peter", "Maria", "George", "Linda", "Thomas"] * 5,
+        ["Rome", "Tokyo", "Madrid"] * 10,
         strict=True,
     )
 )
@@ -44,7 +46,10 @@ CLASSIFY_CASES = {
     "default-all-labels": ({"inputs": SENTENCE}, lambda p: reference(p, SENTENCE, top_k=None)),
     "top_k=1": ({"inputs": SENTENCE, "parameters": {"top_k": 1}}, lambda p: reference(p, SENTENCE, top_k=1)),
     "top_k=2": ({"inputs": UNICODE, "parameters": {"top_k": 2}}, lambda p: reference(p, UNICODE, top_k=2)),
-    "top_k>labels": ({"inputs": SENTENCE, "parameters": {"top_k": 10}}, lambda p: reference(p, SENTENCE, top_k=10)),
+    "top_k>labels": (
+        {"inputs": SENTENCE, "parameters": {"top_k": 10}},
+        lambda p: reference(p, SENTENCE, top_k=10),
+    ),
     "sigmoid": (
         {"inputs": SENTENCE, "parameters": {"function_to_apply": "sigmoid"}},
         lambda p: reference(p, SENTENCE, top_k=None, function_to_apply="sigmoid"),
@@ -132,7 +137,9 @@ QA_CASES = {
 @pytest.mark.parametrize("case", list(QA_CASES))
 def test_qa(client, pipelines, case):
     question, context, parameters = QA_CASES[case]
-    ours = post(client, "/qa", {"inputs": {"question": question, "context": context}, "parameters": parameters})
+    ours = post(
+        client, "/qa", {"inputs": {"question": question, "context": context}, "parameters": parameters}
+    )
     expected = reference(pipelines["qa"], question=question, context=context, **parameters)
     assert_matches_pipeline(ours, expected)
     for answer in ours if isinstance(ours, list) else [ours]:
@@ -143,7 +150,9 @@ def test_qa_list(client, pipelines):
     items = [("Where was Einstein born?", CONTEXT), ("Who travelled to Rome?", LONG)]
     body = {"inputs": [{"question": q, "context": c} for q, c in items], "parameters": {"top_k": 2}}
     ours = post(client, "/qa", body)
-    assert_matches_pipeline(ours, [reference(pipelines["qa"], question=q, context=c, top_k=2) for q, c in items])
+    assert_matches_pipeline(
+        ours, [reference(pipelines["qa"], question=q, context=c, top_k=2) for q, c in items]
+    )
 
 
 # --- /ner ----------------------------------------------------------------------------------------------
@@ -157,7 +166,10 @@ NER_CASES.update(
     {
         "default": (SENTENCE, {}),
         "ignore-nothing": (SENTENCE, {"ignore_labels": []}),
-        "ignore-custom": (UNICODE, {"ignore_labels": ["O", "B-PER", "I-PER"], "aggregation_strategy": "first"}),
+        "ignore-custom": (
+            UNICODE,
+            {"ignore_labels": ["O", "B-PER", "I-PER"], "aggregation_strategy": "first"},
+        ),
         "stride-simple": (LONG, {"stride": 16}),
         "stride-max": (LONG, {"stride": 32, "aggregation_strategy": "max"}),
         "stride-average": (LONG, {"stride": 8, "aggregation_strategy": "average"}),
@@ -178,7 +190,9 @@ def test_ner(client, pipelines, case):
 def test_ner_list(client, pipelines):
     texts = [SENTENCE, "Anna lives in Rome.", UNICODE]
     ours = post(client, "/ner", {"inputs": texts, "parameters": {"aggregation_strategy": "average"}})
-    assert_matches_pipeline(ours, [reference(pipelines["ner"], t, aggregation_strategy="average") for t in texts])
+    assert_matches_pipeline(
+        ours, [reference(pipelines["ner"], t, aggregation_strategy="average") for t in texts]
+    )
 
 
 def test_ner_entities_are_not_all_trivial(client):

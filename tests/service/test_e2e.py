@@ -53,14 +53,26 @@ def test_ready_reports_what_is_pending_then_serves(served):
 def test_all_four_endpoints_over_http(served, pipelines):
     server, _ = served
     cases = [
-        ("/classify", {"inputs": "Marie Curie worked in Paris."}, lambda p: p("Marie Curie worked in Paris.", top_k=None)),
-        ("/fill-mask", {"inputs": "Paris is the [MASK] of France."}, lambda p: p("Paris is the [MASK] of France.")),
+        (
+            "/classify",
+            {"inputs": "Marie Curie worked in Paris."},
+            lambda p: p("Marie Curie worked in Paris.", top_k=None),
+        ),
+        (
+            "/fill-mask",
+            {"inputs": "Paris is the [MASK] of France."},
+            lambda p: p("Paris is the [MASK] of France."),
+        ),
         (
             "/qa",
             {"inputs": {"question": "Where did she work?", "context": "Marie Curie worked in Paris."}},
             lambda p: p(question="Where did she work?", context="Marie Curie worked in Paris."),
         ),
-        ("/ner", {"inputs": "Marie Curie worked in Paris."}, lambda p: p("Marie Curie worked in Paris.", aggregation_strategy="simple")),
+        (
+            "/ner",
+            {"inputs": "Marie Curie worked in Paris."},
+            lambda p: p("Marie Curie worked in Paris.", aggregation_strategy="simple"),
+        ),
     ]
     endpoints = {"/classify": "classify", "/fill-mask": "fill-mask", "/qa": "qa", "/ner": "ner"}
     with httpx.Client(base_url=server.url, timeout=30) as client:
@@ -90,7 +102,9 @@ def test_info_docs_and_metrics(served):
 
 def test_logs_are_structured_one_line_per_request(served):
     server, _ = served
-    response = httpx.post(server.url + "/ner", json={"inputs": "Anna lives in Rome."}, headers={"X-Request-ID": "e2e-42"})
+    response = httpx.post(
+        server.url + "/ner", json={"inputs": "Anna lives in Rome."}, headers={"X-Request-ID": "e2e-42"}
+    )
     assert response.headers["x-request-id"] == "e2e-42"
     server._log.flush()
     records = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]

@@ -57,8 +57,13 @@ def test_four_devices_answer_like_the_pipelines(service_repos, pipelines):
     requests = [
         ("/classify", {"inputs": TEXTS}),
         ("/fill-mask", {"inputs": [t + " [MASK]" for t in TEXTS]}),
-        ("/qa", {"inputs": [{"question": "Who works in Paris?", "context": " ".join(TEXTS * 3)}],
-                 "parameters": {"max_seq_len": 48, "doc_stride": 16, "top_k": 2}}),
+        (
+            "/qa",
+            {
+                "inputs": [{"question": "Who works in Paris?", "context": " ".join(TEXTS * 3)}],
+                "parameters": {"max_seq_len": 48, "doc_stride": 16, "top_k": 2},
+            },
+        ),
         ("/ner", {"inputs": TEXTS}),
     ]
     env = {
@@ -67,7 +72,9 @@ def test_four_devices_answer_like_the_pipelines(service_repos, pipelines):
         "SETTINGS": json.dumps(settings),
         "REQUESTS": json.dumps(requests),
     }
-    done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["devices"] == 4
@@ -80,8 +87,15 @@ def test_four_devices_answer_like_the_pipelines(service_repos, pipelines):
         expected = [
             [pipelines["classify"](t, top_k=None) for t in TEXTS],
             [pipelines["fill-mask"](t + " [MASK]") for t in TEXTS],
-            [pipelines["qa"](question="Who works in Paris?", context=" ".join(TEXTS * 3), max_seq_len=48,
-                             doc_stride=16, top_k=2)],
+            [
+                pipelines["qa"](
+                    question="Who works in Paris?",
+                    context=" ".join(TEXTS * 3),
+                    max_seq_len=48,
+                    doc_stride=16,
+                    top_k=2,
+                )
+            ],
             [pipelines["ner"](t, aggregation_strategy="simple") for t in TEXTS],
         ]
     for ours, reference in zip(result["answers"], expected, strict=True):
