@@ -118,52 +118,72 @@ class AlbertSelfAttention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden: Array, mask: Array, deterministic: bool) -> Array:
+    def __call__(
+        self, hidden: Array, mask: Array, deterministic: bool, query_positions: Array | None = None
+    ) -> Array:
         # hidden: [B, L, H]; mask: bool [B, 1, L|1, L], True where query q may attend to key k.
+        # With query_positions [B, K], only those tokens are computed as queries (keys and values still
+        # come from every token): the result is [B, K, H], what the full layer gives at those positions.
         cfg = self.config
-        batch, length, _ = hidden.shape
+        batch = hidden.shape[0]
         heads, head_dim = cfg.num_attention_heads, cfg.head_dim
+        queries_in = hidden
+        if query_positions is not None:
+            queries_in = jnp.take_along_axis(hidden, query_positions[..., None], axis=1)  # [B, K, H]
+            if mask.shape[2] > 1:
+                rows = jnp.broadcast_to(
+                    query_positions[:, None, :, None], (batch, 1, query_positions.shape[1], mask.shape[3])
+                )
+                mask = jnp.take_along_axis(mask, rows, axis=2)  # [B, 1, K, L]
 
-        def project(name: str) -> Array:
-            return dense(cfg, cfg.hidden_size, self.dtype, name)(hidden).reshape(
-                batch, length, heads, head_dim
+        def project(name: str, x: Array) -> Array:
+            return dense(cfg, cfg.hidden_size, self.dtype, name)(x).reshape(
+                batch, x.shape[1], heads, head_dim
             )
 
-        query, key, value = project("query"), project("key"), project("value")  # [B, L, N, D]
-        scores = jnp.einsum("bqnd,bknd->bnqk", query, key).astype(jnp.float32)  # [B, N, L, L]
+        query = project("query", queries_in)  # [B, Q, N, D]
+        key, value = project("key", hidden), project("value", hidden)  # [B, L, N, D]
+        scores = jnp.einsum("bqnd,bknd->bnqk", query, key).astype(jnp.float32)  # [B, N, Q, L]
         scores = scores / math.sqrt(head_dim)
         if cfg.position_embedding_type != "absolute":
             # Added after the scaling, unscaled, as transformers does.
-            scores = scores + self._relative_scores(query, key)
+            scores = scores + self._relative_scores(query, key, query_positions)
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        context = jnp.einsum("bnqk,bknd->bqnd", probs.astype(self.dtype), value)  # [B, L, N, D]
-        context = context.reshape(batch, length, cfg.hidden_size)
+        context = jnp.einsum("bnqk,bknd->bqnd", probs.astype(self.dtype), value)  # [B, Q, N, D]
+        context = context.reshape(batch, queries_in.shape[1], cfg.hidden_size)
         projected = dense(cfg, cfg.hidden_size, self.dtype, "dense")(context)
         projected = nn.Dropout(cfg.hidden_dropout_prob)(projected, deterministic=deterministic)
-        return LayerNorm(cfg.layer_norm_eps, self.dtype, name="LayerNorm")(hidden + projected)
+        return LayerNorm(cfg.layer_norm_eps, self.dtype, name="LayerNorm")(queries_in + projected)
 
-    def _relative_scores(self, query: Array, key: Array) -> Array:
+    def _relative_scores(self, query: Array, key: Array, query_positions: Array | None) -> Array:
         """relative_key / relative_key_query terms (Shaw et al.), as transformers' eager attention.
 
         Distances are taken between row indices; within one packed sequence they equal the distances
         between its own positions, and across sequences the mask removes them.
         """
         cfg = self.config
-        length = query.shape[1]
+        length = key.shape[1]
         distance_embedding = nn.Embed(
             2 * cfg.max_position_embeddings - 1,
             cfg.head_dim,
             embedding_init=nn.initializers.normal(cfg.initializer_range),
             name="distance_embedding",
         )
-        positions = jnp.arange(length)
-        distance = positions[:, None] - positions[None, :]  # [L, L]
-        table = distance_embedding(distance + cfg.max_position_embeddings - 1).astype(self.dtype)  # [L, L, D]
-        scores = jnp.einsum("bqnd,qkd->bnqk", query, table)
+        keys = jnp.arange(length)
+        if query_positions is None:
+            distance = keys[:, None] - keys[None, :]  # [Q, L]
+            equation = "qkd"
+        else:
+            distance = query_positions[:, :, None] - keys  # [B, Q, L]: each row has its own queries
+            equation = "bqkd"
+        table = distance_embedding(distance + cfg.max_position_embeddings - 1).astype(
+            self.dtype
+        )  # [(B,) Q, L, D]
+        scores = jnp.einsum(f"bqnd,{equation}->bnqk", query, table)
         if cfg.position_embedding_type == "relative_key_query":
-            scores = scores + jnp.einsum("bknd,qkd->bnqk", key, table)
+            scores = scores + jnp.einsum(f"bknd,{equation}->bnqk", key, table)
         return scores.astype(jnp.float32)
 
 
@@ -172,13 +192,16 @@ class AlbertLayer(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden: Array, mask: Array, deterministic: bool) -> Array:
+    def __call__(
+        self, hidden: Array, mask: Array, deterministic: bool, query_positions: Array | None = None
+    ) -> Array:
+        """[B, L, H] -> [B, L, H], or [B, K, H] at `query_positions` [B, K] only (see the attention)."""
         cfg = self.config
         attended = AlbertSelfAttention(cfg, self.dtype, name="attention")(
-            hidden, mask, deterministic
-        )  # [B, L, H]
-        ffn = dense(cfg, cfg.intermediate_size, self.dtype, "ffn")(attended)  # [B, L, I]
+            hidden, mask, deterministic, query_positions
+        )  # [B, L|K, H]
+        ffn = dense(cfg, cfg.intermediate_size, self.dtype, "ffn")(attended)  # [B, L|K, I]
         ffn = ACTIVATIONS[cfg.hidden_act](ffn)
-        ffn = dense(cfg, cfg.hidden_size, self.dtype, "ffn_output")(ffn)  # [B, L, H]
+        ffn = dense(cfg, cfg.hidden_size, self.dtype, "ffn_output")(ffn)  # [B, L|K, H]
         ffn = nn.Dropout(cfg.hidden_dropout_prob)(ffn, deterministic=deterministic)
         return LayerNorm(cfg.layer_norm_eps, self.dtype, name="full_layer_layer_norm")(ffn + attended)

@@ -9,7 +9,8 @@ serving, several sequences can also be *packed* into one row: pass `segment_ids`
 sequence, 0 for padding) and `position_ids` restarting at 0 for each sequence; attention then stays
 within each sequence, so every sequence gets exactly the result it would get alone. Heads that read one
 vector per sequence (pooled classification) or a few positions (masked LM) take per-row token indices
-[B, K] to read from (`cls_positions`, `positions`; see `take_tokens`).
+[B, K] to read from (`cls_positions`, `positions`); only those tokens then go through the last layer, as
+nothing else reads them.
 """
 
 from __future__ import annotations
@@ -45,9 +46,13 @@ class AlbertInnerLayers(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden: Array, mask: Array, deterministic: bool) -> Array:
-        for j in range(self.config.inner_group_num):
-            hidden = AlbertLayer(self.config, self.dtype, name=str(j))(hidden, mask, deterministic)
+    def __call__(
+        self, hidden: Array, mask: Array, deterministic: bool, output_positions: Array | None = None
+    ) -> Array:
+        last = self.config.inner_group_num - 1
+        for j in range(last + 1):
+            positions = output_positions if j == last else None
+            hidden = AlbertLayer(self.config, self.dtype, name=str(j))(hidden, mask, deterministic, positions)
         return hidden
 
 
@@ -59,9 +64,15 @@ class AlbertLayerGroup(nn.Module):
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, hidden: Array, mask: Array) -> tuple[Array, None]:
+    def __call__(
+        self, hidden: Array, mask: Array, output_positions: Array | None = None
+    ) -> tuple[Array, None]:
         layers = AlbertInnerLayers(self.config, self.dtype, name="albert_layers")
-        return layers(hidden, mask, self.deterministic), None
+        return layers(hidden, mask, self.deterministic, output_positions), None
+
+
+def _apply_group(group: AlbertLayerGroup, hidden: Array, mask: Array) -> tuple[Array, None]:
+    return group(hidden, mask)
 
 
 class AlbertLayerGroups(nn.Module):
@@ -70,6 +81,9 @@ class AlbertLayerGroups(nn.Module):
     Consecutive applications of the same group run as a loop (nn.scan with the parameters broadcast)
     rather than unrolled: albert-base applies one group 12 times, and a loop compiles ~12x faster, which
     matters when the service compiles a whole grid of shapes before it is ready.
+
+    With `output_positions` [B, K], the very last layer computes only those tokens (see AlbertLayer): a
+    head that reads a few tokens (the pooler reads [CLS]) skips most of the last layer's work.
     """
 
     config: AlbertConfig
@@ -77,7 +91,9 @@ class AlbertLayerGroups(nn.Module):
     scan_layers: bool = True
 
     @nn.compact
-    def __call__(self, hidden: Array, mask: Array, deterministic: bool) -> Array:
+    def __call__(
+        self, hidden: Array, mask: Array, deterministic: bool, output_positions: Array | None = None
+    ) -> Array:
         cfg = self.config
         runs: list[list[int]] = []  # [group, repeats]
         for layer in range(cfg.num_hidden_layers):
@@ -86,20 +102,24 @@ class AlbertLayerGroups(nn.Module):
                 runs[-1][1] += 1
             else:
                 runs.append([group, 1])
-        for group, repeats in runs:
-            if repeats == 1 or not self.scan_layers:
-                block = AlbertLayerGroup(cfg, self.dtype, deterministic, name=str(group))
-                for _ in range(repeats):
-                    hidden, _ = block(hidden, mask)
-            else:
+        for n, (group, repeats) in enumerate(runs):
+            block = AlbertLayerGroup(cfg, self.dtype, deterministic, name=str(group))
+            final = output_positions is not None and n == len(runs) - 1
+            loop = repeats - 1 if final else repeats
+            if loop > 1 and self.scan_layers:
                 scanned = nn.scan(
-                    AlbertLayerGroup,
+                    _apply_group,
                     variable_broadcast="params",
                     split_rngs={"params": False, "dropout": True},
                     in_axes=(nn.broadcast,),
-                    length=repeats,
+                    length=loop,
                 )
-                hidden, _ = scanned(cfg, self.dtype, deterministic, name=str(group))(hidden, mask)
+                hidden, _ = scanned(block, hidden, mask)
+            else:
+                for _ in range(loop):
+                    hidden, _ = block(hidden, mask)
+            if final:
+                hidden, _ = block(hidden, mask, output_positions)
         return hidden
 
 
@@ -109,12 +129,14 @@ class AlbertTransformer(nn.Module):
     scan_layers: bool = True
 
     @nn.compact
-    def __call__(self, embeddings: Array, mask: Array, deterministic: bool) -> Array:
+    def __call__(
+        self, embeddings: Array, mask: Array, deterministic: bool, output_positions: Array | None = None
+    ) -> Array:
         hidden = dense(self.config, self.config.hidden_size, self.dtype, "embedding_hidden_mapping_in")(
             embeddings
         )
         groups = AlbertLayerGroups(self.config, self.dtype, self.scan_layers, name="albert_layer_groups")
-        return groups(hidden, mask, deterministic)  # [B, L, H]
+        return groups(hidden, mask, deterministic, output_positions)  # [B, L|K, H]
 
 
 class AlbertModel(nn.Module):
@@ -139,8 +161,10 @@ class AlbertModel(nn.Module):
         position_ids: Array | None = None,
         segment_ids: Array | None = None,
         deterministic: bool = True,
+        output_positions: Array | None = None,
     ) -> Array:
-        """Returns the last hidden state [B, L, H]."""
+        """Returns the last hidden state [B, L, H]; with `output_positions` [B, K], only at those per-row
+        token indices, [B, K, H], for less work (the last layer computes only those tokens)."""
         batch, length = input_ids.shape
         if attention_mask is None:
             attention_mask = jnp.ones((batch, length), jnp.int32)
@@ -150,7 +174,7 @@ class AlbertModel(nn.Module):
             position_ids = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
         embeddings = self.embeddings(input_ids, token_type_ids, position_ids, deterministic)  # [B, L, E]
         mask = attention_mask_from(attention_mask, segment_ids)
-        return self.encoder(embeddings, mask, deterministic)
+        return self.encoder(embeddings, mask, deterministic, output_positions)
 
     def pool(self, first_tokens: Array) -> Array:
         """The pooler: tanh(dense(hidden of [CLS])), [..., H] -> [..., H]."""
@@ -159,13 +183,6 @@ class AlbertModel(nn.Module):
     def vocab_projection(self, features: Array) -> Array:
         """Project [..., E] onto the vocabulary with the word embeddings (tied decoder)."""
         return self.embeddings.attend(features)
-
-
-def take_tokens(hidden: Array, positions: Array | None) -> Array:
-    """hidden [B, L, X] at per-row token indices [B, K] -> [B, K, X]; with None, each row's first token [B, X]."""
-    if positions is None:
-        return hidden[:, 0]
-    return jnp.take_along_axis(hidden, positions[..., None], axis=1)
 
 
 class AlbertMLMHead(nn.Module):
@@ -245,12 +262,11 @@ class AlbertForMaskedLM(_WithBackbone):
         positions: Array | None = None,
         deterministic: bool = True,
     ) -> dict[str, Array]:
-        """{"logits"}: [B, L, V], or [B, K, V] at per-row token indices `positions` [B, K] only."""
+        """{"logits"}: [B, L, V], or [B, K, V] at per-row token indices `positions` [B, K] only (then only
+        those tokens go through the last layer)."""
         features = self.mlm_features(
-            input_ids, attention_mask, token_type_ids, position_ids, segment_ids, deterministic
-        )  # [B, L, E]
-        if positions is not None:
-            features = take_tokens(features, positions)  # [B, K, E]
+            input_ids, attention_mask, token_type_ids, position_ids, segment_ids, deterministic, positions
+        )  # [B, L|K, E]
         return {"logits": self.vocab_logits(features)}
 
     def mlm_features(
@@ -261,11 +277,13 @@ class AlbertForMaskedLM(_WithBackbone):
         position_ids=None,
         segment_ids=None,
         deterministic: bool = True,
+        positions: Array | None = None,
     ) -> Array:
-        """Everything before the vocabulary projection: [B, L, E]. Cheap (E is small), so serving runs it on
-        every token and projects only the mask positions with `vocab_logits`."""
+        """Everything before the vocabulary projection: [B, L, E], or [B, K, E] at `positions` [B, K].
+        Cheap (E is small), so serving runs it on every token and projects only the mask positions with
+        `vocab_logits`."""
         hidden = self.albert(
-            input_ids, attention_mask, token_type_ids, position_ids, segment_ids, deterministic
+            input_ids, attention_mask, token_type_ids, position_ids, segment_ids, deterministic, positions
         )
         return self.predictions.transform(hidden)
 
@@ -292,11 +310,13 @@ class AlbertForSequenceClassification(_WithBackbone):
     ) -> dict[str, Array]:
         """{"logits"}: [B, C]; with packed rows, [B, K, C] for the sequences starting at per-row indices
         `cls_positions` [B, K]."""
+        # Only the [CLS] tokens are pooled, so only they go through the last layer.
+        positions = jnp.zeros((input_ids.shape[0], 1), jnp.int32) if cls_positions is None else cls_positions
         hidden = self.albert(
-            input_ids, attention_mask, token_type_ids, position_ids, segment_ids, deterministic
-        )
-        pooled = self.albert.pool(take_tokens(hidden, cls_positions))  # [B, (K,) H]
-        pooled = self.dropout(pooled, deterministic=deterministic)
+            input_ids, attention_mask, token_type_ids, position_ids, segment_ids, deterministic, positions
+        )  # [B, K, H]
+        first = hidden[:, 0] if cls_positions is None else hidden
+        pooled = self.dropout(self.albert.pool(first), deterministic=deterministic)  # [B, (K,) H]
         return {"logits": self.classifier(pooled).astype(jnp.float32)}
 
 
@@ -367,15 +387,16 @@ class AlbertForMultipleChoice(_WithBackbone):
         def flat(x):
             return None if x is None else x.reshape(batch * choices, length)
 
-        hidden = self.albert(
+        first = self.albert(
             flat(input_ids),
             flat(attention_mask),
             flat(token_type_ids),
             flat(position_ids),
             flat(segment_ids),
             deterministic,
-        )
-        pooled = self.dropout(self.albert.pool(hidden[:, 0]), deterministic=deterministic)  # [B*K, H]
+            output_positions=jnp.zeros((batch * choices, 1), jnp.int32),  # only [CLS] is pooled
+        )[:, 0]
+        pooled = self.dropout(self.albert.pool(first), deterministic=deterministic)  # [B*K, H]
         return {"logits": self.classifier(pooled).astype(jnp.float32).reshape(batch, choices)}
 
 

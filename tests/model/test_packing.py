@@ -84,11 +84,15 @@ def assert_close(ours: np.ndarray, reference: np.ndarray, what: str) -> None:
     assert diff <= ATOL, f"{what}: max |diff| {diff:.2e} > {ATOL}"
 
 
+def _position_kwargs(position_embedding_type: str) -> dict:
+    extra = {} if position_embedding_type == "absolute" else dict(attn_implementation="eager")
+    return dict(position_embedding_type=position_embedding_type, **extra)
+
+
 @pytest.mark.parametrize("position_embedding_type", ["absolute", "relative_key", "relative_key_query"])
 def test_token_classification(make_repo, position_embedding_type):
-    extra = {} if position_embedding_type == "absolute" else dict(attn_implementation="eager")
     directory, torch_model = make_repo(
-        "token-classification", **BASE_LAYOUT, position_embedding_type=position_embedding_type, **extra
+        "token-classification", **BASE_LAYOUT, **_position_kwargs(position_embedding_type)
     )
     batch, sequences = pack(torch_model.config.vocab_size)
     logits = from_pretrained(directory)(**batch)["logits"]  # [B, L, C]
@@ -107,10 +111,15 @@ def test_question_answering(make_repo):
             assert_close(outputs[name][sequence.row, sequence.span], reference[name], f"sequence {i} {name}")
 
 
-def test_masked_lm_at_positions(make_repo):
+# The heads below read a few tokens, and only those go through the last layer (their queries gathered per
+# row, relative distances included), so they run with every position type.
+@pytest.mark.parametrize("position_embedding_type", ["absolute", "relative_key", "relative_key_query"])
+def test_masked_lm_at_positions(make_repo, position_embedding_type):
     """positions [B, K]: per-row token indices; logits [B, K, V] only there. Rows with fewer chosen tokens
     repeat index 0, which is ignored."""
-    directory, torch_model = make_repo("masked-lm", **BASE_LAYOUT)
+    directory, torch_model = make_repo(
+        "masked-lm", **BASE_LAYOUT, **_position_kwargs(position_embedding_type)
+    )
     batch, sequences = pack(torch_model.config.vocab_size)
     chosen: list[list[tuple[int, int]]] = [[] for _ in ROWS]  # per row: (sequence, offset in it)
     for i, sequence in enumerate(sequences):
@@ -129,9 +138,12 @@ def test_masked_lm_at_positions(make_repo):
             assert_close(logits[row, k], alone[i][offset], f"row {row} position {k}")
 
 
-def test_sequence_classification_at_cls_positions(make_repo):
+@pytest.mark.parametrize("position_embedding_type", ["absolute", "relative_key", "relative_key_query"])
+def test_sequence_classification_at_cls_positions(make_repo, position_embedding_type):
     """cls_positions [B, K]: where each packed sequence's [CLS] is; logits [B, K, C], one per sequence."""
-    directory, torch_model = make_repo("sequence-classification", **BASE_LAYOUT)
+    directory, torch_model = make_repo(
+        "sequence-classification", **BASE_LAYOUT, **_position_kwargs(position_embedding_type)
+    )
     batch, sequences = pack(torch_model.config.vocab_size)
     width = max(len(members) for members in ROWS)
     cls_positions = np.zeros((len(ROWS), width), np.int64)  # unused slots point at token 0, ignored
