@@ -74,6 +74,13 @@ class Metrics:
             buckets=_SIZE_BUCKETS,
             registry=r,
         )
+        self.batch_seconds = Histogram(
+            "albert_batch_seconds",
+            "Device time of each forward pass (its sum over wall time is how busy the device is).",
+            ["endpoint"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.batch_tokens = Counter(
             "albert_batch_tokens",
             "Real (non-padding) tokens run through the model.",
@@ -102,5 +109,6 @@ class Metrics:
 
     def observe_batch(self, stats) -> None:
         self.batch_size.labels(stats.endpoint).observe(stats.sequences)
+        self.batch_seconds.labels(stats.endpoint).observe(stats.seconds)
         self.batch_tokens.labels(stats.endpoint).inc(stats.tokens)
         self.padding_ratio.labels(stats.endpoint).observe(stats.padding_ratio)
