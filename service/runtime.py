@@ -6,6 +6,7 @@ pending; /ready turns 200 only when every endpoint is loaded and every bucket co
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -106,6 +107,12 @@ class Runtime:
             max_wait_s=self.settings.max_wait_ms / 1000.0,
             on_batch=self.metrics.observe_batch,
         )
+        # What start-up made (models, traced programs, executables) lives as long as the process. Frozen, it is
+        # out of the garbage collector's reach, so a full collection while serving scans only what requests
+        # create. Unfrozen, albert-base's four endpoints leave ~240,000 tracked objects, and each full
+        # collection was a 0.4-0.6 s pause of every thread (measured during start-up).
+        gc.collect()
+        gc.freeze()
         self.batcher.start()
         self.metrics.ready.set(1)
         self._ready.set()

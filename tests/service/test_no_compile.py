@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import random
 from concurrent.futures import ThreadPoolExecutor
 
@@ -85,6 +86,13 @@ def test_a_compiled_executable_refuses_other_shapes(runtime):
     wrong = [np.zeros((bucket.rows, bucket.length + 8), np.int32) for _ in range(4)]
     with pytest.raises(TypeError, match="compiled with int32"):
         executable(runner.params, *wrong)
+
+
+def test_start_up_objects_are_out_of_the_garbage_collectors_reach(runtime):
+    # Nor does serving pay for start-up in garbage collection: the objects start-up made are frozen, so a full
+    # collection while serving (a pause of every thread) scans only what requests create.
+    assert runtime.ready
+    assert gc.get_freeze_count() > 0
 
 
 def test_every_length_up_to_the_maximum_has_a_bucket():
