@@ -127,7 +127,6 @@ class BareForward:
             ids = np.asarray([encoding.ids], np.int32)
             types = np.asarray([encoding.type_ids], np.int32)
             self.runs.append((forward.lower(model.params, ids, types).compile(), ids, types))
-        self.measured: list[list[float]] = []  # per measurement, one median per input
 
     def measure(self) -> list[float]:
         """The typical time of each input's forward pass (median of 9 back to back, after one untimed)."""
@@ -140,12 +139,7 @@ class BareForward:
                     for _ in range(9)
                 )
             )
-        self.measured.append(times)
         return times
-
-    def median(self) -> float:
-        """Median over every input of every measurement so far."""
-        return statistics.median(t for times in self.measured for t in times)
 
 
 # --- servers --------------------------------------------------------------------------------------------

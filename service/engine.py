@@ -192,10 +192,9 @@ class Packer:
         self.max_tokens = max(b.tokens for b in buckets)
         self._rows_by_length = {n: sorted(b.rows for b in buckets if b.length == n) for n in self.lengths}
         self._min_rows = min(b.rows for b in buckets)
-        # Relative cost of attention per token and per unit of row length (attention is quadratic in the row).
-        self.attention_cost = attention_cost_per_token
+        # Until measured: matmul work per token, plus attention's per token and unit of row length (it is
+        # quadratic in the row).
         self._costs = {b: b.tokens * (1.0 + attention_cost_per_token * b.length) for b in self.buckets}
-        self.measured = False
 
     def cost(self, bucket: Bucket) -> float:
         return self._costs[bucket]
@@ -209,7 +208,6 @@ class Packer:
             ]
             costs[bucket] = max([costs[bucket], *smaller])
         self._costs.update(costs)
-        self.measured = True
 
     def _candidate_lengths(self, lengths: list[int], required: int) -> list[int]:
         # Row lengths worth trying: every length that offers more than the fewest rows, and among the others
@@ -386,7 +384,6 @@ class ModelRunner:
         self.packer = Packer(buckets, attention_cost_per_token=2 * cfg.hidden_size / matmul)
         self._compiled: dict[Any, Callable] = {}
         self._seconds: dict[Bucket, float] = {}  # measured run time of each bucket
-        self._program_text = ""  # set by compile_all
         # Vocabulary projections run in chunks of at most this many masks: [256, 30000] float32 is 30 MB.
         largest_chunk = max(len(self.devices), min(self.packer.max_tokens, MAX_MASK_CHUNK))
         self._mask_sizes = (
@@ -439,8 +436,9 @@ class ModelRunner:
         params = self._param_specs()
         programs = self._programs()
         _, _, jitted, specs = programs[0]
-        # The program itself is part of what the costs depend on: a code change must not reuse old costs.
-        self._program_text = jitted.lower(params, *specs).as_text()
+        costs_key = self._costs_key(
+            jitted.lower(params, *specs).as_text()
+        )  # traced once; compiling reuses it
 
         def compile_one(program):
             key, label, jitted, specs = program
@@ -454,7 +452,7 @@ class ModelRunner:
                 self._compiled[key] = executable
                 compiled.append((key, executable, specs))
                 yield label, seconds
-        known = self._read_costs(costs_file)
+        known = self._read_costs(costs_file, costs_key)
         for key, executable, specs in compiled:
             if isinstance(key, Bucket) and str(key) in known:
                 self._seconds[key] = known[str(key)]
@@ -463,7 +461,7 @@ class ModelRunner:
             if isinstance(key, Bucket):
                 self._seconds[key] = seconds
         self.packer.set_measured_costs(self._seconds)
-        self._write_costs(costs_file)
+        self._write_costs(costs_file, costs_key)
 
     def _timed_run(self, executable, specs: list[jax.ShapeDtypeStruct]) -> float:
         zeros = [np.zeros(spec.shape, spec.dtype) for spec in specs]
@@ -471,47 +469,32 @@ class ModelRunner:
         jax.block_until_ready(executable(self.params, *zeros))
         return time.perf_counter() - start
 
-    def costs_key(self) -> str:
-        """What measured costs depend on: the model's shape, the dtype, the devices, the JAX version and the
-        program (the text of the smallest bucket's)."""
-        cfg = self.config
+    def _costs_key(self, program_text: str) -> str:
+        """What measured costs depend on: the program (the smallest bucket's text holds the model's shapes,
+        dtype and code), the devices and the JAX version."""
         identity = {
             "endpoint": self.endpoint,
-            "shape": [
-                cfg.vocab_size,
-                cfg.embedding_size,
-                cfg.hidden_size,
-                cfg.num_hidden_layers,
-                cfg.num_hidden_groups,
-                cfg.inner_group_num,
-                cfg.num_attention_heads,
-                cfg.intermediate_size,
-                cfg.hidden_act,
-                cfg.position_embedding_type,
-                cfg.num_labels,
-            ],
-            "dtype": jnp.dtype(self.model.dtype).name,
+            "program": hashlib.sha256(program_text.encode()).hexdigest(),
             "devices": [d.device_kind for d in self.devices],
             "jax": jax.__version__,
-            "program": hashlib.sha256(self._program_text.encode()).hexdigest(),
         }
         return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
-    def _read_costs(self, costs_file: Path | None) -> dict[str, float]:
+    def _read_costs(self, costs_file: Path | None, key: str) -> dict[str, float]:
         if costs_file is None or not costs_file.is_file():
             return {}
         try:
-            return json.loads(costs_file.read_text()).get(self.costs_key(), {})
+            return json.loads(costs_file.read_text()).get(key, {})
         except (OSError, ValueError, AttributeError):
             return {}  # a damaged file only costs the measurement
 
-    def _write_costs(self, costs_file: Path | None) -> None:
+    def _write_costs(self, costs_file: Path | None, key: str) -> None:
         if costs_file is None:
             return
         try:
             costs_file.parent.mkdir(parents=True, exist_ok=True)
             table = json.loads(costs_file.read_text()) if costs_file.is_file() else {}
-            table[self.costs_key()] = {str(b): seconds for b, seconds in self._seconds.items()}
+            table[key] = {str(b): seconds for b, seconds in self._seconds.items()}
             costs_file.write_text(json.dumps(table, indent=1))
         except (OSError, ValueError) as exc:
             log.warning("could not save bucket costs to %s: %s", costs_file, exc)
