@@ -3,18 +3,28 @@
 Graceful shutdown: on SIGTERM (or Ctrl-C) the service first *drains*: /ready turns 503 and new task
 requests get 503, while requests already accepted are answered. When none is left (or the shutdown
 deadline is near) the server stops; a second signal, or the deadline itself, ends the process at once.
+
+A signal while models are still loading or compiling stops the start-up too: no new compile starts, and
+the process exits with status 0 as soon as the requests in flight (to models already ready) are answered,
+without waiting for the compiles in progress.
+
+A configuration the service cannot start with (see service/models.py) exits with status 2 and one line
+naming the entry and the reason, before anything loads.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import signal
+import sys
 import threading
 import time
 
 import uvicorn
 
 from .app import configure_logging, create_app
+from .models import ConfigError
 from .runtime import Runtime
 from .settings import load_settings
 
@@ -42,9 +52,16 @@ class DrainingServer(uvicorn.Server):
             return
         self._draining = True
         self.runtime.draining = True
+        if self.runtime.starting:
+            self.runtime.stop_start_up()
+            log.info(
+                "signal %s during start-up (%s): stopping; no new compile starts",
+                _signal_name(sig),
+                self.runtime.pending_summary() or "starting",
+            )
         log.info(
             "signal %s: draining %d in-flight request(s), %.0fs at most",
-            sig,
+            _signal_name(sig),
             self.runtime.in_flight,
             self.timeout,
         )
@@ -67,10 +84,23 @@ class DrainingServer(uvicorn.Server):
         os._exit(1)  # no logging.shutdown(): a handler lock held by a stuck thread must not stop the exit
 
 
+def _signal_name(sig) -> str:
+    try:
+        return signal.Signals(sig).name
+    except (ValueError, TypeError):
+        return str(sig)
+
+
 def main(argv: list[str] | None = None) -> None:
     settings = load_settings(argv)
     configure_logging(settings.log_level)
-    app = create_app(settings)
+    try:
+        runtime = Runtime(settings)
+    except ConfigError as exc:
+        log.error("configuration error: %s", exc)
+        print(f"albert-serve: configuration error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    app = create_app(settings, runtime=runtime)
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -81,7 +111,14 @@ def main(argv: list[str] | None = None) -> None:
         timeout_graceful_shutdown=_SERVER_CLOSE_SECONDS,
         server_header=False,
     )
-    DrainingServer(config, app.state.runtime, settings.shutdown_timeout_s).run()
+    DrainingServer(config, runtime, settings.shutdown_timeout_s).run()
+    if runtime.starting:
+        # Stopped during start-up: compiles may still be running on their threads (XLA cannot interrupt
+        # one), and the interpreter would wait for them, then abort tearing JAX down under them. Nothing is
+        # left to answer, so leave now, cleanly.
+        log.info("stopped during start-up; exiting with status 0")
+        logging.shutdown()
+        os._exit(0)
 
 
 if __name__ == "__main__":

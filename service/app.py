@@ -18,17 +18,34 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .api.routes import ops, tasks
+from .api.routes import models, ops, tasks
 from .errors import ServiceError
 from .runtime import Runtime
 from .settings import Settings
+from .tasks import endpoints
 
 log = logging.getLogger("albert_serve.access")
 error_log = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_METRIC_PATHS = {"/classify", "/fill-mask", "/qa", "/ner", "/health", "/ready", "/info", "/metrics"}
-_TASK_PATHS = {"/classify", "/fill-mask", "/qa", "/ner"}
+_TASK_PATHS = {endpoint.path for _, endpoint in endpoints()}
+_METRIC_PATHS = {*_TASK_PATHS, "/health", "/ready", "/info", "/metrics", "/models"}
+
+
+def _is_task_request(scope) -> bool:
+    """A request that runs a model: a task endpoint, or POST /models/{name}."""
+    path = scope.get("path", "")
+    return path in _TASK_PATHS or (path.startswith("/models/") and scope.get("method") == "POST")
+
+
+def _metric_label(scope) -> str:
+    """Requests are counted by route, not by raw path (a model name is not a label of its own)."""
+    path = scope.get("path", "")
+    if path in _METRIC_PATHS:
+        return path
+    if path.startswith("/models/"):
+        return "/models/{name}"
+    return "other"
 
 
 def error_response(status: int, message: str, error_type: str, headers: dict | None = None) -> JSONResponse:
@@ -113,7 +130,7 @@ class RequestMiddleware:
                 message["headers"] = [*message["headers"], (b"x-request-id", request_id.encode())]
             await send(message)
 
-        is_task = path in _TASK_PATHS
+        is_task = _is_task_request(scope)
         if is_task and self.runtime.draining:
             # Refused on arrival; a request that arrived before SIGTERM is in flight and will be answered.
             await error_response(503, "the service is shutting down", "unavailable", {"Retry-After": "5"})(
@@ -182,10 +199,10 @@ class RequestMiddleware:
         return replay, None
 
     def _account(self, scope, path: str, status: int, seconds: float, request_id: str) -> None:
-        label = path if path in _METRIC_PATHS else "other"
+        label = _metric_label(scope)
         metrics = self.runtime.metrics
         metrics.requests.labels(label, str(status)).inc()
-        if path in _TASK_PATHS:
+        if _is_task_request(scope):
             metrics.latency.labels(label).observe(seconds)
         timings = scope.get("state", {}).get("timings")
         record = {
@@ -222,13 +239,15 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, start_runt
     app = FastAPI(
         title="albert-serve",
         version="0.1.0",
-        summary="ALBERT models over HTTP: classification, fill-mask, question answering, NER.",
+        summary="ALBERT models over HTTP, any number by name: classification, fill-mask, question answering, "
+        "NER.",
         description="Answers as the transformers 4.57 pipelines do. Errors are JSON "
         '`{"error": ..., "error_type": ...}`.',
         lifespan=lifespan,
     )
     app.state.runtime = runtime
     app.include_router(tasks.router)
+    app.include_router(models.router)
     app.include_router(ops.router)
 
     @app.exception_handler(ServiceError)

@@ -1,8 +1,8 @@
-"""Dynamic batching: one device worker thread, fed by per-endpoint queues of sequences.
+"""Dynamic batching: one device worker thread, fed by per-model queues of sequences.
 
 Requests are tokenized on the event loop's thread pool, then their sequences are queued here. The worker
-takes the endpoint whose oldest sequence has waited longest (fairness across endpoints) and asks that
-endpoint's packer for the batch that serves the most tokens per second of measured device time among the
+takes the model whose oldest sequence has waited longest (fairness across models) and asks that
+model's packer for the batch that serves the most tokens per second of measured device time among the
 sequences at the head of its queue (see engine.Packer); the oldest sequence is always in it. While the
 device is busy, new sequences accumulate, so batches grow with load on their own; the worker only waits
 (at most `max_wait`) for requests it knows are on their way (see `_wait_for_more`). An idle service, or a
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 class WorkItem:
     """One request's sequences on their way through the device."""
 
-    endpoint: str
+    model: str
     sequences: list[ModelInput]
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
@@ -71,7 +71,7 @@ class WorkItem:
 
 @dataclass
 class BatchStats:
-    endpoint: str
+    model: str
     sequences: int
     tokens: int
     padding_ratio: float
@@ -89,11 +89,12 @@ class Batcher:
         max_wait_s: float,
         on_batch=None,
     ):
-        self.runners = runners
+        self.runners = dict(runners)
         self.max_batch_sequences = max_batch_sequences
         self.max_queue_sequences = max_queue_sequences
         self.max_wait_s = max_wait_s
         self.on_batch = on_batch  # callback(BatchStats), for metrics
+        # One queue per model: a hot model's backlog never hides a cold model's oldest request (see _loop).
         self._queues: dict[str, deque[tuple[WorkItem, int]]] = {e: deque() for e in runners}
         self._queued = 0
         self._queued_tokens = dict.fromkeys(runners, 0)
@@ -101,6 +102,14 @@ class Batcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
+
+    def add(self, model: str, runner: ModelRunner) -> None:
+        """Serve `model` from now on (models join one by one as they become ready)."""
+        with self._cond:
+            self.runners[model] = runner
+            self._queues[model] = deque()
+            self._queued_tokens[model] = 0
+            self._preparing[model] = 0
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
@@ -116,11 +125,11 @@ class Batcher:
         if self._thread is not None:
             self._thread.join(timeout)
         with self._cond:
-            for endpoint, queue in self._queues.items():
+            for model, queue in self._queues.items():
                 for item, _ in queue:
                     item.resolve(error=NotReady("the service is shutting down"))
                 queue.clear()
-                self._queued_tokens[endpoint] = 0
+                self._queued_tokens[model] = 0
             self._queued = 0
 
     @property
@@ -129,14 +138,14 @@ class Batcher:
 
     # -- admission ----------------------------------------------------------------------------------------
 
-    def preparing(self, endpoint: str) -> _Preparing:
+    def preparing(self, model: str) -> _Preparing:
         """Context manager around a request's tokenization and submission (see `_wait_for_more`)."""
-        return _Preparing(self, endpoint)
+        return _Preparing(self, model)
 
-    async def submit(self, endpoint: str, sequences: list[ModelInput], deadline: float) -> WorkItem:
+    async def submit(self, model: str, sequences: list[ModelInput], deadline: float) -> WorkItem:
         """Queue `sequences`; returns the WorkItem, whose `future` completes with one output per sequence."""
         loop = asyncio.get_running_loop()
-        item = WorkItem(endpoint, sequences, loop.create_future(), loop, deadline)
+        item = WorkItem(model, sequences, loop.create_future(), loop, deadline)
         if not sequences:
             item.future.set_result([])
             return item
@@ -149,11 +158,11 @@ class Batcher:
                     "retry later",
                     headers={"Retry-After": "1"},
                 )
-            queue = self._queues[endpoint]
+            queue = self._queues[model]
             for index in range(len(sequences)):
                 queue.append((item, index))
             self._queued += len(sequences)
-            self._queued_tokens[endpoint] += sum(len(s) for s in sequences)
+            self._queued_tokens[model] += sum(len(s) for s in sequences)
             self._cond.notify()
         return item
 
@@ -170,15 +179,15 @@ class Batcher:
                     self._cond.wait()
                 if self._stopping:
                     return
-                endpoint = self._oldest_endpoint()
-                if endpoint is None:
+                model = self._oldest_model()
+                if model is None:
                     continue
-                waited = self._wait_for_more(endpoint)
-                taken, plan = self._take(endpoint)
+                waited = self._wait_for_more(model)
+                taken, plan = self._take(model)
                 if taken and log.isEnabledFor(logging.DEBUG):
                     log.debug(
                         "batch %s %s: %d sequences, %d tokens, waited %.1f ms, %d sequences left queued",
-                        endpoint,
+                        model,
                         plan.bucket,
                         len(taken),
                         sum(len(i.sequences[k]) for i, k in taken),
@@ -186,33 +195,33 @@ class Batcher:
                         self._queued,
                     )
             if taken:
-                self._run(endpoint, taken, plan)
+                self._run(model, taken, plan)
 
-    def _wait_for_more(self, endpoint: str) -> float:
-        """Wait (at most `max_wait`) while requests of `endpoint` are being tokenized: they would otherwise miss
+    def _wait_for_more(self, model: str) -> float:
+        """Wait (at most `max_wait`) while requests of `model` are being tokenized: they would otherwise miss
         this batch by a millisecond and wait a whole forward pass. An idle service, or a lone client, has
         nothing being tokenized and never waits; nor does a queue that already fills the largest bucket."""
-        limit = self.runners[endpoint].packer.max_tokens
+        limit = self.runners[model].packer.max_tokens
         start = time.monotonic()
-        while not self._stopping and self._preparing[endpoint] > 0 and self._queued_tokens[endpoint] < limit:
+        while not self._stopping and self._preparing[model] > 0 and self._queued_tokens[model] < limit:
             remaining = start + self.max_wait_s - time.monotonic()
             if remaining <= 0:
                 break
             self._cond.wait(remaining)
         return time.monotonic() - start
 
-    def _oldest_endpoint(self) -> str | None:
+    def _oldest_model(self) -> str | None:
         oldest, chosen = None, None
-        for endpoint, queue in self._queues.items():
+        for model, queue in self._queues.items():
             self._drop_dead(queue)
             if queue and (oldest is None or queue[0][0].enqueued_at < oldest):
-                oldest, chosen = queue[0][0].enqueued_at, endpoint
+                oldest, chosen = queue[0][0].enqueued_at, model
         return chosen
 
     def _dequeued(self, item: WorkItem, index: int) -> None:
         """Bookkeeping for one sequence leaving the queue (taken, or dropped)."""
         self._queued -= 1
-        self._queued_tokens[item.endpoint] -= len(item.sequences[index])
+        self._queued_tokens[item.model] -= len(item.sequences[index])
 
     def _drop_dead(self, queue: deque) -> None:
         now = time.monotonic()
@@ -231,14 +240,14 @@ class Batcher:
             else:
                 return
 
-    def _take(self, endpoint: str) -> tuple[list[tuple[WorkItem, int]], Plan | None]:
-        """The next batch of `endpoint`: the packer's best plan over the sequences at the head of its queue.
+    def _take(self, model: str) -> tuple[list[tuple[WorkItem, int]], Plan | None]:
+        """The next batch of `model`: the packer's best plan over the sequences at the head of its queue.
 
         Only the head's worth of one largest bucket is offered; what the plan leaves out goes back to the
         front of the queue, in order, so the oldest sequence is always in the batch and nothing starves.
         """
-        queue = self._queues[endpoint]
-        packer = self.runners[endpoint].packer
+        queue = self._queues[model]
+        packer = self.runners[model].packer
         offered: list[tuple[WorkItem, int]] = []
         tokens = 0
         while queue and len(offered) < self.max_batch_sequences:
@@ -284,8 +293,8 @@ class Batcher:
             plan.bucket, [[renumber[i] for i in row] for row in plan.rows]
         )
 
-    def _run(self, endpoint: str, taken: list[tuple[WorkItem, int]], plan: Plan) -> None:
-        runner = self.runners[endpoint]
+    def _run(self, model: str, taken: list[tuple[WorkItem, int]], plan: Plan) -> None:
+        runner = self.runners[model]
         sequences = [item.sequences[index] for item, index in taken]
         start = time.monotonic()
         for item, _ in taken:
@@ -294,12 +303,12 @@ class Batcher:
         try:
             outputs, batch = runner.run(sequences, plan)
         except Exception:
-            log.exception("forward pass failed on %s for %d sequences", endpoint, len(sequences))
+            log.exception("forward pass failed on %s for %d sequences", model, len(sequences))
             for item in {id(i): i for i, _ in taken}.values():
                 item.resolve(error=ServiceError("the model failed on this batch"))
             return
         seconds = time.monotonic() - start
-        self._report(endpoint, batch, seconds)
+        self._report(model, batch, seconds)
         for item in {id(i): i for i, _ in taken}.values():
             item.inference_seconds += seconds
         for (item, index), output in zip(taken, outputs, strict=True):
@@ -310,13 +319,13 @@ class Batcher:
             if item.remaining == 0:
                 item.resolve(result=item.outputs)
 
-    def _report(self, endpoint: str, batch: PackedBatch, seconds: float) -> None:
+    def _report(self, model: str, batch: PackedBatch, seconds: float) -> None:
         if self.on_batch is None:
             return
         try:
             self.on_batch(
                 BatchStats(
-                    endpoint=endpoint,
+                    model=model,
                     sequences=len(batch.placements),
                     tokens=batch.real_tokens,
                     padding_ratio=float(np.clip(batch.padding_ratio, 0.0, 1.0)),
@@ -329,14 +338,14 @@ class Batcher:
 
 
 class _Preparing:
-    def __init__(self, batcher: Batcher, endpoint: str):
-        self.batcher, self.endpoint = batcher, endpoint
+    def __init__(self, batcher: Batcher, model: str):
+        self.batcher, self.model = batcher, model
 
     def __enter__(self):
         with self.batcher._cond:
-            self.batcher._preparing[self.endpoint] += 1
+            self.batcher._preparing[self.model] += 1
 
     def __exit__(self, *exc):
         with self.batcher._cond:
-            self.batcher._preparing[self.endpoint] -= 1
+            self.batcher._preparing[self.model] -= 1
             self.batcher._cond.notify()

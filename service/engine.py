@@ -16,7 +16,9 @@ import hashlib
 import json
 import logging
 import math
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -34,13 +36,11 @@ from .tasks.base import ModelInput
 
 log = logging.getLogger(__name__)
 
-# The head each endpoint needs.
-ENDPOINT_TASKS = {
-    "classify": "sequence-classification",
-    "fill-mask": "masked-lm",
-    "qa": "question-answering",
-    "ner": "token-classification",
-}
+# The compiled programs: "classify" (the first token of each sequence through the last layer, then the
+# classifier), "tokens" (per-token outputs: QA and NER heads), "fill-mask" (features, then the vocabulary
+# projection at the mask positions only). The four original task names are accepted for their program.
+PROGRAMS = ("classify", "tokens", "fill-mask")
+_PROGRAM_OF = {"qa": "tokens", "ner": "tokens"}
 MAX_MASK_CHUNK = 256
 # Smallest sequence an endpoint produces ([CLS] x [SEP]); bounds how many sequences share a row.
 MIN_SEQUENCE = 3
@@ -302,7 +302,7 @@ class Packer:
         )
 
 
-# --- The jitted functions, one per endpoint ---------------------------------------------------------------
+# --- The jitted functions, one per program ---------------------------------------------------------------
 # Each takes the parameters as an argument (not a closed-over constant): smaller programs, faster compiles.
 
 
@@ -364,12 +364,14 @@ def _powers_of_two_up_to(limit: int, start: int = 1) -> list[int]:
 
 
 class ModelRunner:
-    """One endpoint's model: its compiled buckets, and `run` from sequences to per-sequence outputs."""
+    """One model: its compiled buckets, and `run` from sequences to per-sequence outputs."""
 
     def __init__(
-        self, endpoint: str, model: PretrainedAlbert, buckets: list[Bucket], devices: list | None = None
+        self, program: str, model: PretrainedAlbert, buckets: list[Bucket], devices: list | None = None
     ):
-        self.endpoint = endpoint
+        self.program = _PROGRAM_OF.get(program, program)
+        if self.program not in PROGRAMS:
+            raise ValueError(f"unknown program {program!r}; expected one of {', '.join(PROGRAMS)}")
         self.model = model
         self.config = model.config
         self.devices = devices or jax.local_devices()
@@ -387,7 +389,9 @@ class ModelRunner:
         # Vocabulary projections run in chunks of at most this many masks: [256, 30000] float32 is 30 MB.
         largest_chunk = max(len(self.devices), min(self.packer.max_tokens, MAX_MASK_CHUNK))
         self._mask_sizes = (
-            _powers_of_two_up_to(largest_chunk, start=len(self.devices)) if endpoint == "fill-mask" else []
+            _powers_of_two_up_to(largest_chunk, start=len(self.devices))
+            if self.program == "fill-mask"
+            else []
         )
 
     # -- compilation ------------------------------------------------------------------------------------
@@ -401,21 +405,21 @@ class ModelRunner:
         )
 
     def _programs(self) -> list[tuple[Any, str, Callable, list[jax.ShapeDtypeStruct]]]:
-        """(key, label, jitted function, argument specs) for every executable this endpoint needs."""
+        """(key, label, jitted function, argument specs) for every executable this model needs."""
         module = self.model.module
         main = jax.jit(
-            {"classify": _classify_fn, "ner": _token_fn, "qa": _token_fn, "fill-mask": _mlm_features_fn}[
-                self.endpoint
-            ](module)
+            {"classify": _classify_fn, "tokens": _token_fn, "fill-mask": _mlm_features_fn}[self.program](
+                module
+            )
         )
         programs = []
         for bucket in self.buckets:
             shape = (bucket.rows, bucket.length)
             specs = [self._spec(shape) for _ in range(4)]
-            if self.endpoint == "classify":
+            if self.program == "classify":
                 specs.append(self._spec((bucket.rows, sequences_per_row(bucket.length))))
             programs.append((bucket, str(bucket), main, specs))
-        if self.endpoint == "fill-mask":
+        if self.program == "fill-mask":
             vocab = jax.jit(_mlm_probs_fn(module))
             for size in self._mask_sizes:
                 spec = self._spec((size, self.config.embedding_size), self.model.dtype)
@@ -425,13 +429,17 @@ class ModelRunner:
     def program_count(self) -> int:
         return len(self.buckets) + len(self._mask_sizes)
 
-    def compile_all(self, threads: int = 2, costs_file: Path | None = None) -> Iterator[tuple[str, float]]:
+    def compile_all(
+        self, threads: int = 2, costs_file: Path | None = None, stop: threading.Event | None = None
+    ) -> Iterator[tuple[str, float]]:
         """Compile every executable, then time one run of each bucket; yields (label, compile seconds).
 
         XLA compiles outside the GIL, so `threads` compile side by side; the timed runs go one at a time, as
         they must have the machine to themselves (the first run also pays each executable's one-off costs
         before any request does). Measured times become the packer's costs. With `costs_file`, times measured
         by an earlier start of the same model on the same machine are reused instead of measured again.
+        Compiles are handed out `threads` at a time, so once `stop` is set no new one starts and this returns
+        after those in progress (a shutdown during start-up waits for at most one compile per thread).
         """
         params = self._param_specs()
         programs = self._programs()
@@ -447,11 +455,26 @@ class ModelRunner:
             return key, label, executable, specs, time.perf_counter() - start
 
         compiled = []
+        waiting = iter(programs)
         with ThreadPoolExecutor(max(1, threads), thread_name_prefix="compile") as pool:
-            for key, label, executable, specs, seconds in pool.map(compile_one, programs):
+            running: deque = deque()
+
+            def hand_out():
+                while len(running) < max(1, threads) and not (stop is not None and stop.is_set()):
+                    program = next(waiting, None)
+                    if program is None:
+                        return
+                    running.append(pool.submit(compile_one, program))
+
+            hand_out()
+            while running:
+                key, label, executable, specs, seconds = running.popleft().result()
                 self._compiled[key] = executable
                 compiled.append((key, executable, specs))
                 yield label, seconds
+                hand_out()
+        if stop is not None and stop.is_set():
+            return
         known = self._read_costs(costs_file, costs_key)
         for key, executable, specs in compiled:
             if isinstance(key, Bucket) and str(key) in known:
@@ -473,7 +496,7 @@ class ModelRunner:
         """What measured costs depend on: the program (the smallest bucket's text holds the model's shapes,
         dtype and code), the devices and the JAX version."""
         identity = {
-            "endpoint": self.endpoint,
+            "kind": self.program,
             "program": hashlib.sha256(program_text.encode()).hexdigest(),
             "devices": [d.device_kind for d in self.devices],
             "jax": jax.__version__,
@@ -510,11 +533,11 @@ class ModelRunner:
         executable = self._compiled[batch.bucket]
         # numpy in: the executable transfers (and shards) its inputs itself, cheaper than device_put calls.
         inputs = (batch.input_ids, batch.token_type_ids, batch.position_ids, batch.segment_ids)
-        if self.endpoint == "classify":
+        if self.program == "classify":
             logits = np.asarray(executable(self.params, *inputs, batch.first_tokens)["logits"])
             return [{"logits": logits[r, k]} for r, k in batch.slots], batch
         outputs = {name: np.asarray(value) for name, value in executable(self.params, *inputs).items()}
-        if self.endpoint == "fill-mask":
+        if self.program == "fill-mask":
             return self._fill_mask_outputs(sequences, batch, outputs["features"]), batch
         results = []
         for r, offset, n in batch.placements:

@@ -60,3 +60,17 @@ class NotReady(ServiceError):
 class DeadlineExceeded(ServiceError):
     error_type = "deadline_exceeded"
     status = 504
+
+
+class ModelNotFound(ServiceError):
+    """A request names a model that is not configured."""
+
+    error_type = "model_not_found"
+    status = 404
+
+
+class ModelUnavailable(ServiceError):
+    """The model failed to load or compile; retrying will not help until the operator fixes it."""
+
+    error_type = "model_unavailable"
+    status = 503

@@ -15,7 +15,7 @@ from typing import Any
 from starlette.concurrency import run_in_threadpool
 
 from .errors import DeadlineExceeded, PayloadTooLarge, ServiceError
-from .runtime import Runtime
+from .runtime import Runtime, ServedModel
 
 
 class ClientDisconnected(ServiceError):
@@ -43,7 +43,7 @@ class Timings:
 
 async def infer(
     runtime: Runtime,
-    endpoint: str,
+    served: ServedModel,
     items: list[Any],
     params: Any,
     *,
@@ -51,11 +51,12 @@ async def infer(
     disconnected: Callable[[], Awaitable[None]],
     timings: Timings,
 ) -> list[Any]:
-    """Answers for `items` (one per item), or a ServiceError."""
-    task = runtime.task_for(endpoint)
+    """`served`'s answers for `items` (one per item), or a ServiceError."""
+    name = served.name
+    task = runtime.tasks[name]
     batcher = runtime.batcher
     start = time.monotonic()
-    with batcher.preparing(endpoint):
+    with batcher.preparing(name):
         prepared = await run_in_threadpool(task.prepare, items, params)
         timings.tokenize = time.monotonic() - start
         if time.monotonic() > deadline:
@@ -68,7 +69,7 @@ async def infer(
                 f"the request needs {needed} model sequences (windows); the limit is "
                 f"{batcher.max_queue_sequences} (max_queue_sequences)"
             )
-        item = await batcher.submit(endpoint, prepared.model_inputs, deadline)
+        item = await batcher.submit(name, prepared.model_inputs, deadline)
 
     watcher = asyncio.ensure_future(disconnected())
     try:
@@ -96,6 +97,6 @@ async def infer(
     answers = await run_in_threadpool(task.finish, prepared, outputs)
     timings.postprocess = time.monotonic() - post_start
     metrics = runtime.metrics
-    metrics.queue_time.labels(endpoint).observe(timings.queue)
-    metrics.inference_time.labels(endpoint).observe(timings.inference)
+    metrics.queue_time.labels(name).observe(timings.queue)
+    metrics.inference_time.labels(name).observe(timings.inference)
     return answers

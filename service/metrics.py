@@ -56,59 +56,71 @@ class Metrics:
         self.queue_time = Histogram(
             "albert_queue_seconds",
             "Time from queueing to the first forward pass that holds the request.",
-            ["endpoint"],
+            ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.inference_time = Histogram(
             "albert_inference_seconds",
             "Time in forward passes per request.",
-            ["endpoint"],
+            ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.batch_size = Histogram(
             "albert_batch_sequences",
             "Sequences per forward pass.",
-            ["endpoint"],
+            ["model"],
             buckets=_SIZE_BUCKETS,
             registry=r,
         )
         self.batch_seconds = Histogram(
             "albert_batch_seconds",
             "Device time of each forward pass (its sum over wall time is how busy the device is).",
-            ["endpoint"],
+            ["model"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
         self.batch_tokens = Counter(
             "albert_batch_tokens",
             "Real (non-padding) tokens run through the model.",
-            ["endpoint"],
+            ["model"],
             registry=r,
         )
         self.padding_ratio = Histogram(
             "albert_batch_padding_ratio",
             "Fraction of each forward pass spent on padding.",
-            ["endpoint"],
+            ["model"],
             buckets=(0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0),
             registry=r,
         )
         self.queue_depth = Gauge("albert_queue_sequences", "Sequences waiting for the model.", registry=r)
         self.ready = Gauge("albert_ready", "1 when every model is loaded and compiled.", registry=r)
+        self.model_state = Gauge(
+            "albert_model_state",
+            "1 for each model's current state (loading, compiling, ready, failed), 0 for the others.",
+            ["model", "task", "state"],
+            registry=r,
+        )
+        self.model_programs = Gauge(
+            "albert_model_programs",
+            "Programs each model needs (total) and has compiled (compiled).",
+            ["model", "kind"],
+            registry=r,
+        )
         compilations = Gauge(
             "albert_compilations", "XLA compilations in this process (including start-up).", registry=r
         )
         compilations.set_function(lambda: COMPILES.compilations)
         self.compile_seconds = Gauge(
             "albert_bucket_compile_seconds",
-            "Compile time of each bucket at start-up.",
-            ["endpoint", "bucket"],
+            "Compile time of each program at start-up.",
+            ["model", "bucket"],
             registry=r,
         )
 
     def observe_batch(self, stats) -> None:
-        self.batch_size.labels(stats.endpoint).observe(stats.sequences)
-        self.batch_seconds.labels(stats.endpoint).observe(stats.seconds)
-        self.batch_tokens.labels(stats.endpoint).inc(stats.tokens)
-        self.padding_ratio.labels(stats.endpoint).observe(stats.padding_ratio)
+        self.batch_size.labels(stats.model).observe(stats.sequences)
+        self.batch_seconds.labels(stats.model).observe(stats.seconds)
+        self.batch_tokens.labels(stats.model).inc(stats.tokens)
+        self.padding_ratio.labels(stats.model).observe(stats.padding_ratio)

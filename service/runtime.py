@@ -1,7 +1,9 @@
-"""The runtime: loads each configured model once, compiles its buckets, and runs the batcher.
+"""The runtime: the repository of named models, each with its own state, and the batcher that serves them.
 
-Start-up happens on a background thread so that /health answers at once and /ready can say what is still
-pending; /ready turns 200 only when every endpoint is loaded and every bucket compiled.
+Models load and compile one after the other on a background thread, so /health answers at once and each
+model serves as soon as it is ready: `loading` -> `compiling` -> `ready`, or `failed` with the reason. A
+model that fails never stops the others. /ready is strict by default (every model ready); the setting
+`strict_readiness=false` relaxes it to every model that did not fail.
 """
 
 from __future__ import annotations
@@ -12,20 +14,32 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import jax
 
 import model as albert
-from model.pretrained import resolve_dtype
+from model.hub import resolve_source
 
 from .batching import Batcher
-from .engine import ENDPOINT_TASKS, ModelRunner, bucket_grid
-from .errors import EndpointDisabled, NotReady
+from .engine import ModelRunner, bucket_grid
+from .errors import (
+    EndpointDisabled,
+    InvalidInput,
+    ModelNotFound,
+    ModelUnavailable,
+    NotReady,
+    ServiceError,
+)
 from .metrics import Metrics
-from .settings import Settings, model_env_var
-from .tasks import build_task
+from .models import ConfigError, ModelSpec, configured_models, task_of_checkpoint
+from .settings import MODEL_FIELDS, Settings
+from .tasks import TASKS
+from .tasks.base import ModelTask
 
 log = logging.getLogger(__name__)
+
+STATES = ("loading", "compiling", "ready", "failed")
 
 
 def configure_compilation_cache(directory: str) -> None:
@@ -38,36 +52,81 @@ def configure_compilation_cache(directory: str) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
+class StartUpStopped(Exception):
+    """The process is shutting down while this model was still loading or compiling."""
+
+
 @dataclass
-class EndpointStatus:
-    source: str
-    state: str = "pending"  # pending | loading | compiling | ready | failed
-    detail: str = ""
+class ServedModel:
+    """One named model and where it stands."""
+
+    spec: ModelSpec
+    task: str | None  # known from the configuration or the checkpoint; None until a hub checkpoint is fetched
+    state: str = "loading"  # loading | compiling | ready | failed
+    reason: str = ""  # why it failed
     compiled: int = 0
     total: int = 0
+    runner: ModelRunner | None = None
+    architecture: str = ""
+    labels: list[str] | None = None
+    mask_token: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    def describe(self) -> dict:
+        """The model as GET /models lists it."""
+        entry = {
+            "name": self.name,
+            "task": self.task,
+            "endpoint": TASKS[self.task].endpoints[0].path if self.task else None,
+            "source": self.spec.source,
+            "default": self.spec.default,
+            "dtype": self.spec.dtype,
+            "state": self.state,
+        }
+        if self.state == "compiling":
+            entry["compiled"], entry["programs"] = self.compiled, self.total
+        if self.state == "failed":
+            entry["reason"] = self.reason
+        if self.runner is not None and self.task == "fill-mask":
+            entry["mask_token"] = self.mask_token
+        return entry
 
 
 @dataclass
 class Runtime:
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
-    status: dict[str, EndpointStatus] = field(default_factory=dict)
-    runners: dict[str, ModelRunner] = field(default_factory=dict)
-    tasks: dict = field(default_factory=dict)
+    models: dict[str, ServedModel] = field(default_factory=dict)
+    runners: dict[str, ModelRunner] = field(default_factory=dict)  # name -> runner, ready models only
+    tasks: dict[str, Any] = field(default_factory=dict)  # name -> task handler, ready models only
     batcher: Batcher | None = None
     draining: bool = False
     in_flight: int = 0  # task requests being handled (maintained by the request middleware)
     started_at: float = field(default_factory=time.monotonic)
     _thread: threading.Thread | None = None
-    _ready: threading.Event = field(default_factory=threading.Event)
+    _settled: threading.Event = field(default_factory=threading.Event)  # every model ready or failed
+    _stop: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self):
-        self.status = {e: EndpointStatus(s) for e, s in self.settings.model_sources().items()}
+        # Raises ConfigError naming the entry: nothing has loaded or compiled yet.
+        specs = configured_models(self.settings)
+        self.models = {spec.name: ServedModel(spec, spec.task) for spec in specs}
+        self.batcher = Batcher(
+            {},
+            max_batch_sequences=self.settings.max_batch_sequences,
+            max_queue_sequences=self.settings.max_queue_sequences,
+            max_wait_s=self.settings.max_wait_ms / 1000.0,
+            on_batch=self.metrics.observe_batch,
+        )
 
     # -- lifecycle --------------------------------------------------------------------------------------
 
     def start(self, *, background: bool = True) -> None:
         configure_compilation_cache(self.settings.compilation_cache_dir)
+        self.batcher.start()
         if background:
             self._thread = threading.Thread(target=self._start_up, name="start-up", daemon=True)
             self._thread.start()
@@ -75,59 +134,90 @@ class Runtime:
             self._start_up()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
-        return self._ready.wait(timeout)
+        """Wait until every model is ready or failed; True if they all settled in time."""
+        return self._settled.wait(timeout)
+
+    @property
+    def starting(self) -> bool:
+        """Some model is still loading or compiling."""
+        return not self._settled.is_set()
+
+    def stop_start_up(self) -> None:
+        """No new model loads and no new program compiles from now on (a shutdown during start-up)."""
+        self._stop.set()
 
     def stop(self) -> None:
+        self._stop.set()
         if self.batcher is not None:
             self.batcher.stop()
 
     @property
     def ready(self) -> bool:
-        return self._ready.is_set() and not self.draining
+        if self.draining or not self.models:
+            return False
+        states = [m.state for m in self.models.values()]
+        if self.settings.strict_readiness:
+            return all(s == "ready" for s in states)
+        return all(s in ("ready", "failed") for s in states) and "ready" in states
 
     @property
     def failed(self) -> dict[str, str]:
-        return {e: s.detail for e, s in self.status.items() if s.state == "failed"}
+        return {name: m.reason for name, m in self.models.items() if m.state == "failed"}
 
     def _start_up(self) -> None:
         begin = time.perf_counter()
-        for endpoint, status in self.status.items():
+        for served in self.models.values():
+            if self._stop.is_set():
+                break
             try:
-                self._load(endpoint, status)
-            except Exception as exc:  # reported by /ready; the process keeps serving /health and /ready
-                status.state = "failed"
-                status.detail = _describe_failure(endpoint, status.source, exc)
-                log.error("%s: %s", endpoint, status.detail)
-        if self.failed:
+                self._load(served)
+            except StartUpStopped:
+                break
+            except Exception as exc:  # this model only: the others load, and /models says why
+                served.state, served.reason = "failed", _describe_failure(served.spec, exc)
+                log.error("model %s failed: %s", served.name, served.reason)
+        if self._stop.is_set():
+            log.info("start-up stopped: shutting down")
             return
-        self.batcher = Batcher(
-            self.runners,
-            max_batch_sequences=self.settings.max_batch_sequences,
-            max_queue_sequences=self.settings.max_queue_sequences,
-            max_wait_s=self.settings.max_wait_ms / 1000.0,
-            on_batch=self.metrics.observe_batch,
-        )
         # What start-up made (models, traced programs, executables) lives as long as the process. Frozen, it is
         # out of the garbage collector's reach, so a full collection while serving scans only what requests
         # create. Unfrozen, albert-base's four endpoints leave ~240,000 tracked objects, and each full
         # collection was a 0.4-0.6 s pause of every thread (measured during start-up).
         gc.collect()
         gc.freeze()
-        self.batcher.start()
-        self.metrics.ready.set(1)
-        self._ready.set()
-        log.info("ready: %d endpoint(s) in %.1fs", len(self.runners), time.perf_counter() - begin)
-
-    def _load(self, endpoint: str, status: EndpointStatus) -> None:
-        status.state = "loading"
-        start = time.perf_counter()
-        loaded = albert.from_pretrained(
-            status.source, task=ENDPOINT_TASKS[endpoint], dtype=self.settings.dtype
+        self._settled.set()
+        self.metrics.ready.set(1 if self.ready else 0)
+        ready = [name for name, m in self.models.items() if m.state == "ready"]
+        log.info(
+            "start-up done in %.1fs: %d model(s) ready, %d failed%s",
+            time.perf_counter() - begin,
+            len(ready),
+            len(self.failed),
+            f" ({', '.join(self.failed)})" if self.failed else "",
         )
+
+    def _load(self, served: ServedModel) -> None:
+        spec = served.spec
+        start = time.perf_counter()
+        directory = resolve_source(spec.source)
+        if served.task is None:
+            served.task = task_of_checkpoint(spec, directory)
+        task: ModelTask = TASKS[served.task]
+        loaded = albert.from_pretrained(directory, task=task.head, dtype=spec.dtype)
         tokenizer = albert.load_tokenizer(loaded.directory)
         max_length = min(loaded.config.max_position_embeddings, tokenizer.model_max_length)
+        # The task checks that this checkpoint can serve it (labels, head size) before anything compiles.
+        handler = task.build(tokenizer, max_length, loaded.config)
+        served.architecture = loaded.task
+        served.mask_token = tokenizer.mask_token
+        served.labels = list(loaded.config.id2label) if task.head.endswith("classification") else None
         log.info(
-            "%s: loaded %s (%s) in %.1fs", endpoint, status.source, loaded.task, time.perf_counter() - start
+            "%s: loaded %s (%s, task %s) in %.1fs",
+            spec.name,
+            spec.source,
+            loaded.task,
+            served.task,
+            time.perf_counter() - start,
         )
 
         devices = jax.local_devices()
@@ -140,72 +230,116 @@ class Runtime:
             max_batch_tokens=s.max_batch_tokens,
             devices=len(devices),
         )
-        runner = ModelRunner(endpoint, loaded, buckets, devices)
-        status.state, status.total = "compiling", runner.program_count()
-        cache = self.settings.compilation_cache_dir
+        runner = ModelRunner(task.program, loaded, buckets, devices)
+        served.state, served.total = "compiling", runner.program_count()
+        cache = s.compilation_cache_dir
         costs_file = Path(cache) / "albert-serve-bucket-costs.json" if cache else None
-        for label, seconds in runner.compile_all(costs_file=costs_file):
-            status.compiled += 1
-            self.metrics.compile_seconds.labels(endpoint, label).set(seconds)
+        for label, seconds in runner.compile_all(costs_file=costs_file, stop=self._stop):
+            served.compiled += 1
+            self.metrics.compile_seconds.labels(spec.name, label).set(seconds)
             log.info(
-                "%s: compiled %s in %.2fs (%d/%d)", endpoint, label, seconds, status.compiled, status.total
+                "%s: compiled %s in %.2fs (%d/%d)", spec.name, label, seconds, served.compiled, served.total
             )
-        status.state = "warming up"
-        self.runners[endpoint] = runner
-        self.tasks[endpoint] = build_task(endpoint, tokenizer, max_length, loaded.config)
-        status.state, status.detail = "ready", ""
+        if self._stop.is_set():
+            raise StartUpStopped
+        served.runner = runner
+        self.runners[spec.name] = runner
+        self.tasks[spec.name] = handler  # the task's pre- and post-processing for this model
+        self.batcher.add(spec.name, runner)
+        served.state = "ready"
+        log.info("%s: ready (%s) after %.1fs", spec.name, served.task, time.perf_counter() - start)
 
     # -- what the routes need -------------------------------------------------------------------------------
 
-    def task_for(self, endpoint: str):
-        if endpoint not in self.status:
+    def model_for(self, task: str, name: str | None) -> ServedModel:
+        """The model that answers a request for `task` naming `name` (None: the task's default)."""
+        if name is not None:
+            served = self.named(name)
+            if served.task is not None and served.task != task:
+                raise InvalidInput(
+                    f"model {name!r} serves task {served.task} (POST {TASKS[served.task].endpoints[0].path}), "
+                    f"not {task}"
+                )
+        else:
+            served = self._default_model(task)
+        return self.usable(served)
+
+    def named(self, name: str) -> ServedModel:
+        served = self.models.get(name)
+        if served is None:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise ModelNotFound(f"no model is named {name!r}; the models are: {known}")
+        return served
+
+    def _default_model(self, task: str) -> ServedModel:
+        candidates = [m for m in self.models.values() if m.task == task]
+        if not candidates:
+            pending = [m.name for m in self.models.values() if m.task is None and m.state != "failed"]
+            if pending:  # a hub model whose task is not known yet may turn out to serve it
+                raise NotReady(
+                    f"no model of task {task} is known yet; still loading: {', '.join(pending)}",
+                    headers={"Retry-After": "5"},
+                )
+            path = TASKS[task].endpoints[0].path
+            variable = f"{Settings.env_name(MODEL_FIELDS[task])}, " if task in MODEL_FIELDS else ""
             raise EndpointDisabled(
-                f"no model is configured for /{endpoint}; set {model_env_var(endpoint)} to a model source"
+                f"no model is configured for {path} (task {task}); configure one: {variable}a "
+                f'[models.<name>] table with task = "{task}" in ALBERT_MODELS_FILE, or ALBERT_MODELS'
             )
-        if not self._ready.is_set():
-            raise NotReady(f"the service is starting: {self.pending_summary()}", headers={"Retry-After": "5"})
-        return self.tasks[endpoint]
+        defaults = [m for m in candidates if m.spec.default]
+        if defaults:
+            return defaults[0]
+        if len(candidates) == 1:
+            return candidates[0]
+        names = ", ".join(repr(m.name) for m in candidates)
+        raise InvalidInput(
+            f'several models serve task {task} and none is the default: name one with "model" ({names})'
+        )
+
+    def usable(self, served: ServedModel) -> ServedModel:
+        """`served` if it can answer now; otherwise the 503 that says why (failed: no Retry-After)."""
+        if served.state == "ready":
+            return served
+        if served.state == "failed":
+            raise ModelUnavailable(f"model {served.name!r} failed to load: {served.reason}")
+        progress = f" ({served.compiled}/{served.total} programs)" if served.state == "compiling" else ""
+        raise NotReady(
+            f"model {served.name!r} is not ready yet: {served.state}{progress}", headers={"Retry-After": "5"}
+        )
 
     def pending_summary(self) -> str:
         parts = []
-        for endpoint, s in self.status.items():
-            if s.state == "compiling":
-                parts.append(f"{endpoint} compiling {s.compiled}/{s.total} buckets")
-            elif s.state != "ready":
-                parts.append(f"{endpoint} {s.state}" + (f" ({s.detail})" if s.detail else ""))
-        return "; ".join(parts) or "starting the device worker"
+        for name, m in self.models.items():
+            if m.state == "compiling":
+                parts.append(f"{name} compiling {m.compiled}/{m.total} programs")
+            elif m.state == "loading":
+                parts.append(f"{name} loading")
+        return "; ".join(parts)
 
     def readiness(self) -> dict:
-        return {
+        body: dict = {
             "ready": self.ready,
             "draining": self.draining,
-            "endpoints": {
-                e: {
-                    "state": s.state,
-                    "compiled": s.compiled,
-                    "buckets": s.total,
-                    **({"error": s.detail} if s.detail else {}),
-                }
-                for e, s in self.status.items()
-            },
-            **(
-                {}
-                if self.ready
-                else {"pending": self.pending_summary() if not self.draining else "shutting down"}
-            ),
+            "models": {name: m.state for name, m in self.models.items()},
         }
+        if self.failed:
+            body["failed"] = self.failed
+        if not self.ready:
+            # Failures are listed once, under "failed"; "pending" is what is still on its way.
+            body["pending"] = "shutting down" if self.draining else self.pending_summary() or "nothing"
+        return body
 
     def info(self) -> dict:
-        endpoints = {}
-        for endpoint, status in self.status.items():
-            runner = self.runners.get(endpoint)
-            entry = {"source": status.source, "state": status.state}
+        models = {}
+        for name, m in self.models.items():
+            entry = m.describe()
+            runner = m.runner
             if runner is not None:
                 cfg = runner.config
                 entry.update(
-                    architecture=runner.model.task,
-                    labels=list(cfg.id2label) if endpoint in ("classify", "ner") else None,
-                    dtype=jax.numpy.dtype(resolve_dtype(self.settings.dtype)).name,
+                    architecture=m.architecture,
+                    labels=m.labels,
+                    dtype=jax.numpy.dtype(runner.model.dtype).name,
                     devices=[str(d) for d in runner.devices],
                     max_length=runner.packer.max_length,
                     buckets=[str(b) for b in runner.buckets],
@@ -213,11 +347,25 @@ class Runtime:
                     hidden_size=cfg.hidden_size,
                     num_hidden_layers=cfg.num_hidden_layers,
                 )
-            endpoints[endpoint] = entry
-        return {"endpoints": endpoints, "jax": {"version": jax.__version__, "backend": jax.default_backend()}}
+            models[name] = entry
+        # Per endpoint, the model a request naming none gets (the contract's original /info shape).
+        endpoints = {}
+        for task in TASKS.values():
+            try:
+                served = self._default_model(task.name)
+            except ServiceError:
+                continue
+            endpoints[task.endpoints[0].path.lstrip("/")] = {"model": served.name, **models[served.name]}
+        return {
+            "models": models,
+            "endpoints": endpoints,
+            "jax": {"version": jax.__version__, "backend": jax.default_backend()},
+        }
 
 
-def _describe_failure(endpoint: str, source: str, exc: Exception) -> str:
+def _describe_failure(spec: ModelSpec, exc: Exception) -> str:
     if isinstance(exc, albert.SourceNotFoundError):
-        return f"{exc} (set {model_env_var(endpoint)} to a local model directory, or to empty to disable /{endpoint})"
+        return f"{exc} (check {spec.origin}: a local model directory, or a hub id in the cache)"
+    if isinstance(exc, ConfigError):
+        return str(exc)
     return f"{type(exc).__name__}: {exc}"

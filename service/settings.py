@@ -50,19 +50,31 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
 
     # --- Models -----------------------------------------------------------------------------------------
-    classify_model: str = Field(
-        DEFAULT_MODELS["classify"],
-        description="Model for /classify: local directory or hub id; empty disables.",
+    models_file: str = Field(
+        "",
+        description="TOML file of named models, one [models.<name>] table each (source, task, default, dtype).",
     )
-    fill_mask_model: str = Field(
-        DEFAULT_MODELS["fill-mask"],
-        description="Model for /fill-mask: local directory or hub id; empty disables.",
+    models: str = Field(
+        "", description="Named models, short form: name=source,name=source (task from the checkpoint)."
     )
-    qa_model: str = Field(
-        DEFAULT_MODELS["qa"], description="Model for /qa: local directory or hub id; empty disables."
+    classify_model: str | None = Field(
+        None,
+        description="Adds the model 'classify' (default of /classify): local directory or hub id; empty "
+        "disables. With no model configured in any way, each endpoint serves its public default checkpoint.",
     )
-    ner_model: str = Field(
-        DEFAULT_MODELS["ner"], description="Model for /ner: local directory or hub id; empty disables."
+    fill_mask_model: str | None = Field(
+        None, description="Adds the model 'fill-mask' (default of /fill-mask): local directory or hub id."
+    )
+    qa_model: str | None = Field(
+        None, description="Adds the model 'qa' (default of /qa): local directory or hub id."
+    )
+    ner_model: str | None = Field(
+        None, description="Adds the model 'ner' (default of /ner): local directory or hub id."
+    )
+    strict_readiness: bool = Field(
+        True,
+        description="/ready is 200 only when every configured model is ready; false: when every model that did "
+        "not fail is ready (and at least one is).",
     )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Compute dtype. LayerNorm and softmax always run in float32."
@@ -148,11 +160,6 @@ class Settings(BaseSettings):
         if not self.batch_buckets:
             raise ValueError("batch_buckets must not be empty")
         return self
-
-    def model_sources(self) -> dict[str, str]:
-        """Endpoint -> model source, for the endpoints that are enabled."""
-        sources = {endpoint: getattr(self, field).strip() for endpoint, field in MODEL_FIELDS.items()}
-        return {endpoint: source for endpoint, source in sources.items() if source}
 
     @staticmethod
     def env_name(field: str) -> str:

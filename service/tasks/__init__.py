@@ -1,26 +1,21 @@
-"""Per-endpoint task logic (pre- and post-processing exactly as the transformers pipelines)."""
+"""The task registry: every task a model can serve, each declared whole in its own module.
+
+A task module holds its request and answer schemas, the checks that decode a request, pre-processing into
+model inputs, the compiled program (head) it needs, and post-processing exactly as the reference pipeline;
+it ends with a `TASK = ModelTask(...)`. The routes are generated from this registry (service/api/routes/
+tasks.py), so adding a task is its module and one line below.
+"""
 
 from __future__ import annotations
 
-from model import AlbertConfig, AlbertTokenizer
+from . import classify, fill_mask, ner, qa
+from .base import Endpoint, ModelTask
+
+TASKS: dict[str, ModelTask] = {task.name: task for task in (classify.TASK, fill_mask.TASK, qa.TASK, ner.TASK)}
+
+# A checkpoint's default task, from config.json's `architectures`.
+DEFAULT_TASK_OF_ARCHITECTURE = {arch: task.name for task in TASKS.values() for arch in task.default_for}
 
 
-def build_task(endpoint: str, tokenizer: AlbertTokenizer, max_length: int, config: AlbertConfig):
-    """The task object serving `endpoint` for a model with this tokenizer and config."""
-    if endpoint == "classify":
-        from .classify import ClassificationTask
-
-        return ClassificationTask(tokenizer, max_length, list(config.id2label), config.problem_type)
-    if endpoint == "fill-mask":
-        from .fill_mask import FillMaskTask
-
-        return FillMaskTask(tokenizer, max_length)
-    if endpoint == "qa":
-        from .qa import QuestionAnsweringTask
-
-        return QuestionAnsweringTask(tokenizer, max_length)
-    if endpoint == "ner":
-        from .ner import TokenClassificationTask
-
-        return TokenClassificationTask(tokenizer, max_length, list(config.id2label))
-    raise ValueError(f"unknown endpoint {endpoint!r}")
+def endpoints() -> list[tuple[ModelTask, Endpoint]]:
+    return [(task, endpoint) for task in TASKS.values() for endpoint in task.endpoints]

@@ -8,13 +8,27 @@ segment first, as the pipeline does when called with `truncation=True`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from model.tokenizer import AlbertTokenizer
 
 from ..errors import InvalidInput
-from .base import ModelInput, Prepared
+from .base import (
+    STRICT,
+    Decoded,
+    Endpoint,
+    ModelInput,
+    ModelTask,
+    Prepared,
+    as_list,
+    check_text,
+    check_top_k,
+    model_field,
+    where,
+)
 
 FUNCTIONS = ("softmax", "sigmoid", "none")
 
@@ -119,3 +133,97 @@ class ClassificationTask:
             ranked.sort(key=lambda entry: entry["score"], reverse=True)
             answers.append(ranked if context.top_k is None else ranked[: context.top_k])
         return answers
+
+
+# --- The HTTP request and answer ------------------------------------------------------------------------
+
+
+class TextPair(BaseModel):
+    model_config = STRICT
+    text: str = Field(description="The text to classify.")
+    text_pair: str | None = Field(None, description="An optional second text (sentence-pair classification).")
+
+
+class ClassifyParameters(BaseModel):
+    model_config = STRICT
+    top_k: StrictInt | None = Field(
+        None,
+        ge=1,
+        description="How many labels to return, best first; null (the default) returns all labels.",
+    )
+    function_to_apply: Literal["softmax", "sigmoid", "none"] | None = Field(
+        None,
+        description="Applied to the logits; by default sigmoid for one label or multi-label models, softmax "
+        "otherwise, none for regression (as the pipeline).",
+    )
+
+
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"inputs": "I loved this film, the acting was superb."},
+                {"inputs": ["Great value.", "Terrible service."], "parameters": {"top_k": 1}},
+                {"inputs": {"text": "A man is playing a guitar.", "text_pair": "Someone makes music."}},
+            ]
+        },
+    )
+    inputs: str | TextPair | list[str | TextPair] = Field(
+        description="A text, a text pair, or a list of them."
+    )
+    parameters: ClassifyParameters = Field(default_factory=ClassifyParameters)
+    model: str | None = model_field()
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+ClassifyResponse = list[LabelScore] | list[list[LabelScore]]
+
+
+def decode(body: ClassifyRequest, settings) -> Decoded:
+    inputs, single = as_list(body.inputs, settings.max_list_items)
+    items = []
+    for i, value in enumerate(inputs):
+        at = where(i, single)
+        if isinstance(value, TextPair):
+            pair = None if value.text_pair is None else check_text(value.text_pair, f"{at}.text_pair")
+            items.append(ClassifyItem(check_text(value.text, f"{at}.text"), pair))
+        else:
+            items.append(ClassifyItem(check_text(value, at)))
+    check_top_k(body.parameters.top_k, settings.max_top_k)
+    params = ClassifyParams(top_k=body.parameters.top_k, function_to_apply=body.parameters.function_to_apply)
+    return Decoded(items, params, single)
+
+
+def hub_answer(answers: list, decoded: Decoded) -> list:
+    # The Inference API answers a single input's label list wrapped in one more list ([[{label, score}]]);
+    # InferenceClient.text_classification reads element 0.
+    return answers
+
+
+def build(tokenizer: AlbertTokenizer, max_length: int, config) -> ClassificationTask:
+    return ClassificationTask(tokenizer, max_length, list(config.id2label), config.problem_type)
+
+
+TASK = ModelTask(
+    name="classify",
+    head="sequence-classification",
+    architectures=("AlbertForSequenceClassification",),
+    default_for=("AlbertForSequenceClassification",),
+    program="classify",
+    build=build,
+    endpoints=(
+        Endpoint(
+            path="/classify",
+            summary="Text classification (sentence or sentence pair), as the text-classification pipeline.",
+            request=ClassifyRequest,
+            response=ClassifyResponse,
+            decode=decode,
+            hub_answer=hub_answer,
+        ),
+    ),
+)

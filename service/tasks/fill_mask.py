@@ -11,11 +11,24 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from model.tokenizer import AlbertTokenizer
 
-from ..errors import InvalidInput
-from .base import ModelInput, Prepared
+from ..errors import InvalidInput, ValidationFailed
+from .base import (
+    STRICT,
+    Decoded,
+    Endpoint,
+    ModelInput,
+    ModelTask,
+    Prepared,
+    as_list,
+    check_text,
+    check_top_k,
+    model_field,
+    where,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -152,3 +165,84 @@ class FillMaskTask:
                 }
             )
         return rows
+
+
+# --- The HTTP request and answer ------------------------------------------------------------------------
+
+
+class FillMaskParameters(BaseModel):
+    model_config = STRICT
+    top_k: StrictInt = Field(5, ge=1, description="How many candidates per mask.")
+    targets: str | list[str] | None = Field(
+        None,
+        description="Only score these words (a word not in the vocabulary is scored by its first sub-token).",
+    )
+
+
+class FillMaskRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"inputs": "The capital of France is [MASK]."},
+                {"inputs": "Paris is the [MASK] of [MASK].", "parameters": {"top_k": 3}},
+                {"inputs": "I feel [MASK] today.", "parameters": {"targets": ["happy", "sad"]}},
+            ]
+        },
+    )
+    inputs: str | list[str] = Field(description="Text with one or more mask tokens, or a list of such texts.")
+    parameters: FillMaskParameters = Field(default_factory=FillMaskParameters)
+    model: str | None = model_field()
+
+
+class MaskCandidate(BaseModel):
+    score: float
+    token: int
+    token_str: str
+    sequence: str
+
+
+# One text: a list of candidates, or one list per mask when it has several masks.
+FillMaskAnswer = list[MaskCandidate] | list[list[MaskCandidate]]
+FillMaskResponse = FillMaskAnswer | list[FillMaskAnswer]
+
+
+def decode(body: FillMaskRequest, settings) -> Decoded:
+    inputs, single = as_list(body.inputs, settings.max_list_items)
+    items = [check_text(text, where(i, single)) for i, text in enumerate(inputs)]
+    check_top_k(body.parameters.top_k, settings.max_top_k)
+    targets = body.parameters.targets
+    if isinstance(targets, str):
+        targets = [targets]
+    if targets is not None:
+        if len(targets) > settings.max_targets:
+            raise ValidationFailed(
+                f"parameters.targets has {len(targets)} items; the limit is {settings.max_targets}"
+            )
+        for i, target in enumerate(targets):
+            check_text(target, f"parameters.targets[{i}]")
+    params = FillMaskParams(top_k=body.parameters.top_k, targets=None if targets is None else tuple(targets))
+    return Decoded(items, params, single)
+
+
+def build(tokenizer: AlbertTokenizer, max_length: int, config) -> FillMaskTask:
+    return FillMaskTask(tokenizer, max_length)
+
+
+TASK = ModelTask(
+    name="fill-mask",
+    head="masked-lm",
+    architectures=("AlbertForMaskedLM", "AlbertForPreTraining"),
+    default_for=("AlbertForMaskedLM", "AlbertForPreTraining"),
+    program="fill-mask",
+    build=build,
+    endpoints=(
+        Endpoint(
+            path="/fill-mask",
+            summary="Masked-token prediction, as the fill-mask pipeline (one list per mask with several masks).",
+            request=FillMaskRequest,
+            response=FillMaskResponse,
+            decode=decode,
+        ),
+    ),
+)

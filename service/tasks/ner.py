@@ -17,13 +17,26 @@ The numpy maths is kept in float32 as the pipeline's is, so scores and argmax ti
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from model.tokenizer import AlbertTokenizer
 from service.errors import InvalidInput
 
-from .base import ModelInput, Prepared
+from .base import (
+    STRICT,
+    Decoded,
+    Endpoint,
+    ModelInput,
+    ModelTask,
+    Prepared,
+    as_list,
+    check_text,
+    model_field,
+    where,
+)
 
 AGGREGATION_STRATEGIES = ("none", "simple", "first", "average", "max")
 _WORD_STRATEGIES = ("first", "average", "max")
@@ -312,3 +325,90 @@ def _plain(entity: dict) -> dict:
         key: float(value) if key == "score" else int(value) if key in ("index", "start", "end") else value
         for key, value in entity.items()
     }
+
+
+# --- The HTTP request and answer ------------------------------------------------------------------------
+
+
+class NERParameters(BaseModel):
+    model_config = STRICT
+    aggregation_strategy: Literal["none", "simple", "first", "average", "max"] = Field(
+        "simple", description="How tokens are grouped into entities."
+    )
+    ignore_labels: list[str] | None = Field(None, description='Labels to leave out (default ["O"]).')
+    stride: StrictInt | None = Field(
+        None,
+        ge=0,
+        description="Overlap between windows over a long text; without it, long texts are truncated.",
+    )
+
+
+class NERRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {"inputs": "My name is Sarah and I live in London."},
+                {"inputs": "Angela Merkel visited Paris.", "parameters": {"aggregation_strategy": "first"}},
+            ]
+        },
+    )
+    inputs: str | list[str] = Field(description="A text or a list of texts.")
+    parameters: NERParameters = Field(default_factory=NERParameters)
+    model: str | None = model_field()
+
+
+class Entity(BaseModel):
+    entity_group: str
+    score: float
+    word: str
+    start: int | None
+    end: int | None
+
+
+class TokenEntity(BaseModel):
+    entity: str
+    score: float
+    index: int
+    word: str
+    start: int | None
+    end: int | None
+
+
+NERAnswer = list[Entity] | list[TokenEntity]
+NERResponse = NERAnswer | list[NERAnswer]
+
+
+def decode(body: NERRequest, settings) -> Decoded:
+    inputs, single = as_list(body.inputs, settings.max_list_items)
+    items = [check_text(text, where(i, single)) for i, text in enumerate(inputs)]
+    p = body.parameters
+    params = NERParams(
+        aggregation_strategy=p.aggregation_strategy,
+        ignore_labels=("O",) if p.ignore_labels is None else tuple(p.ignore_labels),
+        stride=p.stride,
+    )
+    return Decoded(items, params, single)
+
+
+def build(tokenizer: AlbertTokenizer, max_length: int, config) -> TokenClassificationTask:
+    return TokenClassificationTask(tokenizer, max_length, list(config.id2label))
+
+
+TASK = ModelTask(
+    name="ner",
+    head="token-classification",
+    architectures=("AlbertForTokenClassification",),
+    default_for=("AlbertForTokenClassification",),
+    program="tokens",
+    build=build,
+    endpoints=(
+        Endpoint(
+            path="/ner",
+            summary="Named-entity recognition (token classification), as the token-classification pipeline.",
+            request=NERRequest,
+            response=NERResponse,
+            decode=decode,
+        ),
+    ),
+)

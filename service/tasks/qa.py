@@ -24,12 +24,25 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from tokenizers import Encoding
 
 from model.tokenizer import AlbertTokenizer
 
 from ..errors import InvalidInput
-from .base import ModelInput, Prepared
+from .base import (
+    STRICT,
+    Decoded,
+    Endpoint,
+    ModelInput,
+    ModelTask,
+    Prepared,
+    as_list,
+    check_text,
+    check_top_k,
+    model_field,
+    where,
+)
 
 # The pipeline's defaults: max_seq_len = min(model max, 384), doc_stride = min(max_seq_len // 2, 128).
 DEFAULT_MAX_SEQ_LEN = 384
@@ -280,3 +293,111 @@ def decode_spans(
     ends = ends[desired_spans]
     scores = candidates[0, starts, ends]
     return starts, ends, scores
+
+
+# --- The HTTP request and answer ------------------------------------------------------------------------
+
+
+class QAInput(BaseModel):
+    model_config = STRICT
+    question: str
+    context: str
+
+
+class QAParameters(BaseModel):
+    model_config = STRICT
+    top_k: StrictInt = Field(1, ge=1, description="How many answers; above 1 the answer is a list.")
+    doc_stride: StrictInt | None = Field(
+        None,
+        ge=1,
+        description="Overlap between context windows, in tokens (default min(128, max_seq_len // 2)).",
+    )
+    max_answer_len: StrictInt = Field(15, ge=1, description="Longest answer, in tokens.")
+    max_seq_len: StrictInt | None = Field(
+        None, ge=1, description="Window length, question included (default min(384, the model's maximum))."
+    )
+    max_question_len: StrictInt = Field(64, ge=1, description="Longest question, in tokens.")
+    handle_impossible_answer: StrictBool = Field(False, description="Allow the empty answer.")
+    align_to_words: StrictBool = Field(True, description="Widen answers to whole words.")
+
+
+class QARequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "inputs": {
+                        "question": "Where was Albert Einstein born?",
+                        "context": "Albert Einstein was born in Ulm, in the Kingdom of Württemberg, in 1879.",
+                    }
+                },
+                {
+                    "inputs": {
+                        "question": "Who wrote it?",
+                        "context": "The book was written by Mary Shelley.",
+                    },
+                    "parameters": {"top_k": 3, "handle_impossible_answer": True},
+                },
+            ]
+        },
+    )
+    inputs: QAInput | list[QAInput] = Field(description="A question with its context, or a list of them.")
+    parameters: QAParameters = Field(default_factory=QAParameters)
+    model: str | None = model_field()
+
+
+class QAAnswer(BaseModel):
+    score: float
+    start: int
+    end: int
+    answer: str
+
+
+QAResponse = QAAnswer | list[QAAnswer] | list[QAAnswer | list[QAAnswer]]
+
+
+def decode(body: QARequest, settings) -> Decoded:
+    inputs, single = as_list(body.inputs, settings.max_list_items)
+    items = []
+    for i, value in enumerate(inputs):
+        at = where(i, single)
+        items.append(
+            QAItem(check_text(value.question, f"{at}.question"), check_text(value.context, f"{at}.context"))
+        )
+    p = body.parameters
+    check_top_k(p.top_k, settings.max_top_k)
+    params = QAParams(
+        top_k=p.top_k,
+        doc_stride=p.doc_stride,
+        max_answer_len=p.max_answer_len,
+        max_seq_len=p.max_seq_len,
+        max_question_len=p.max_question_len,
+        handle_impossible_answer=p.handle_impossible_answer,
+        align_to_words=p.align_to_words,
+    )
+    return Decoded(items, params, single)
+
+
+def build(tokenizer: AlbertTokenizer, max_length: int, config) -> QuestionAnsweringTask:
+    return QuestionAnsweringTask(tokenizer, max_length)
+
+
+TASK = ModelTask(
+    name="qa",
+    head="question-answering",
+    architectures=("AlbertForQuestionAnswering",),
+    default_for=("AlbertForQuestionAnswering",),
+    program="tokens",
+    build=build,
+    endpoints=(
+        Endpoint(
+            path="/qa",
+            summary="Extractive question answering over contexts of any length, as the question-answering "
+            "pipeline.",
+            request=QARequest,
+            response=QAResponse,
+            decode=decode,
+        ),
+    ),
+)

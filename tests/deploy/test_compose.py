@@ -13,7 +13,8 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-from service.settings import DEFAULT_MODELS, Settings  # noqa: E402
+from service.models import configured_models  # noqa: E402
+from service.settings import DEFAULT_MODELS, MODEL_FIELDS, Settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 # ${NAME-default}: the default applies only when NAME is unset, so an empty value (disabling a model) passes.
@@ -46,9 +47,14 @@ def test_defaults_are_the_services_defaults(compose):
     assert set(albert) <= set(fields), f"not settings: {sorted(set(albert) - set(fields))}"
     from_compose = Settings(**{fields[k]: v for k, v in albert.items()})
     built_in = Settings()
+    model_fields = {Settings.env_name(field): endpoint for endpoint, field in MODEL_FIELDS.items()}
     for name in albert:
-        assert getattr(from_compose, fields[name]) == getattr(built_in, fields[name]), name
-    assert from_compose.model_sources() == DEFAULT_MODELS
+        if name in model_fields:  # built in: unset, meaning the public default when no model is configured
+            assert getattr(from_compose, fields[name]) == DEFAULT_MODELS[model_fields[name]], name
+        else:
+            assert getattr(from_compose, fields[name]) == getattr(built_in, fields[name]), name
+    assert {m.name: m.source for m in configured_models(from_compose)} == DEFAULT_MODELS
+    assert {m.name: m.source for m in configured_models(built_in)} == DEFAULT_MODELS
 
 
 def test_caches_are_volumes_at_the_images_cache_paths(compose):

@@ -15,6 +15,7 @@ import pytest
 yaml = pytest.importorskip("yaml")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
+from service.models import configured_models  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -157,7 +158,7 @@ def test_every_albert_variable_is_a_valid_setting():
     unknown = sorted(set(env) - set(fields))
     assert not unknown, f"not settings of the service: {unknown}"
     settings = Settings(**{fields[k]: v for k, v in env.items()})
-    assert set(settings.model_sources()) == {"classify", "fill-mask", "qa", "ner"}
+    assert {m.name for m in configured_models(settings)} == {"classify", "fill-mask", "qa", "ner"}
 
 
 def test_grace_period_outlasts_the_drain():

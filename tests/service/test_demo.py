@@ -14,6 +14,7 @@ import pytest
 
 import model
 from service import demo
+from service.models import configured_models
 from service.settings import Settings
 
 TEXTS = [
@@ -119,7 +120,9 @@ def test_command_points_the_service_at_the_repositories(repos, monkeypatch):
 
     assert served["argv"] == ["--port", "9123"]
     settings = Settings()
-    assert settings.model_sources() == {endpoint: str(path) for endpoint, path in repos.items()}
+    assert {m.name: m.source for m in configured_models(settings)} == {
+        endpoint: str(path) for endpoint, path in repos.items()
+    }
     assert settings.batch_buckets == [1, 2]
     assert settings.seq_buckets == [32, 128] and settings.batch_seq_buckets == [128]
     assert served["env"]["HF_HUB_OFFLINE"] == "1"

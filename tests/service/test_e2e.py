@@ -48,7 +48,8 @@ def test_ready_reports_what_is_pending_then_serves(served):
         assert all(body["ready"] is False and body["pending"] for body in pending)
     ready = httpx.get(server.url + "/ready").json()
     assert ready["ready"] is True
-    assert {e["state"] for e in ready["endpoints"].values()} == {"ready"}
+    assert set(ready["models"]) == {"classify", "fill-mask", "qa", "ner"}
+    assert set(ready["models"].values()) == {"ready"}
 
 
 def test_all_four_endpoints_over_http(served, pipelines):

@@ -426,7 +426,7 @@ def test_endpoint_without_a_model_is_404_naming_the_variable():
 
 
 def test_not_ready_is_503_with_retry_after(service_repos):
-    # A runtime that was never started: its models are still "pending".
+    # A runtime that was never started: its models are still waiting to load.
     settings = Settings(
         classify_model=str(service_repos["classify"][0]),
         fill_mask_model="",
@@ -437,7 +437,7 @@ def test_not_ready_is_503_with_retry_after(service_repos):
     with TestClient(create_app(settings, runtime=Runtime(settings), start_runtime=False)) as test_client:
         response = test_client.post("/classify", json={"inputs": "a"})
         assert test_client.get("/ready").status_code == 503
-    assert_error(response, 503, "unavailable", "starting", "classify pending")
+    assert_error(response, 503, "unavailable", "model 'classify' is not ready yet: loading")
     assert int(response.headers["retry-after"]) > 0
 
 

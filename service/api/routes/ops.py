@@ -20,7 +20,8 @@ async def health() -> Health:
 @router.get(
     "/ready",
     response_model=Readiness,
-    summary="Readiness: 503 until every model is loaded and every bucket compiled (and while shutting down).",
+    summary="Readiness: 503 until every model is ready (with strict_readiness=false: every model that did not "
+    "fail), and while shutting down.",
     responses={503: {"model": Readiness, "description": "Not ready; the body says what is pending."}},
 )
 async def ready(runtime: RuntimeDep):
@@ -28,7 +29,7 @@ async def ready(runtime: RuntimeDep):
     return JSONResponse(body, status_code=200 if runtime.ready else 503)
 
 
-@router.get("/info", summary="Per endpoint: model source, architecture, labels, dtype, devices, buckets.")
+@router.get("/info", summary="Per model: task, source, state, architecture, labels, dtype, devices, buckets.")
 async def info(runtime: RuntimeDep) -> dict:
     return runtime.info()
 
@@ -41,5 +42,12 @@ async def info(runtime: RuntimeDep) -> dict:
     responses={200: {"description": "Prometheus text format.", "content": {"text/plain": {}}}},
 )
 async def metrics(runtime: RuntimeDep) -> Response:
-    runtime.metrics.queue_depth.set(runtime.batcher.queued_sequences if runtime.batcher else 0)
+    metrics = runtime.metrics
+    metrics.queue_depth.set(runtime.batcher.queued_sequences if runtime.batcher else 0)
+    metrics.ready.set(1 if runtime.ready else 0)
+    for name, served in runtime.models.items():
+        for state in ("loading", "compiling", "ready", "failed"):
+            metrics.model_state.labels(name, served.task or "", state).set(1 if served.state == state else 0)
+        metrics.model_programs.labels(name, "total").set(served.total)
+        metrics.model_programs.labels(name, "compiled").set(served.compiled)
     return Response(generate_latest(runtime.metrics.registry), media_type=CONTENT_TYPE_LATEST)
