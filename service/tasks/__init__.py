@@ -8,10 +8,13 @@ tasks.py), so adding a task is its module and one line below.
 
 from __future__ import annotations
 
-from . import classify, fill_mask, ner, qa
+from . import classify, fill_mask, ner, qa, rerank, zero_shot
 from .base import Endpoint, ModelTask
 
-TASKS: dict[str, ModelTask] = {task.name: task for task in (classify.TASK, fill_mask.TASK, qa.TASK, ner.TASK)}
+TASKS: dict[str, ModelTask] = {
+    task.name: task
+    for task in (classify.TASK, fill_mask.TASK, qa.TASK, ner.TASK, zero_shot.TASK, rerank.TASK)
+}
 
 # A checkpoint's default task, from config.json's `architectures`.
 DEFAULT_TASK_OF_ARCHITECTURE = {arch: task.name for task in TASKS.values() for arch in task.default_for}

@@ -30,7 +30,7 @@ from tokenizers import Encoding, Tokenizer
 from model.tokenizer import AlbertTokenizer
 
 from ..errors import InvalidInput, PayloadTooLarge, ServiceError
-from .base import ModelInput, Prepared
+from .base import Decoded, Endpoint, ModelInput, ModelTask, Prepared, as_list, check_text
 
 DEFAULT_MAX_TEXTS = 64  # the service's max_list_items default; pass the setting
 
@@ -216,3 +216,43 @@ class RerankTask:
                 ranks.append(rank)
             answers.append(ranks)
         return answers
+
+
+# --- the registry entry ----------------------------------------------------------------------------------
+
+
+def decode(body: RerankRequest, settings) -> Decoded:
+    query = check_text(body.query, "query")
+    texts, _ = as_list(body.texts, settings.max_list_items, field="texts")
+    texts = [check_text(text, f"texts[{i}]") for i, text in enumerate(texts)]
+    params = RerankParams(
+        raw_scores=body.raw_scores,
+        return_text=body.return_text,
+        truncate=bool(body.truncate),
+        truncation_direction=body.truncation_direction.lower(),
+    )
+    return Decoded([RerankItem(query, tuple(texts))], params, True)
+
+
+def build(tokenizer: AlbertTokenizer, max_length: int, config) -> RerankTask:
+    # Raises ValueError unless the classifier has exactly one label: the model fails at start-up.
+    return RerankTask(tokenizer, max_length, len(config.id2label))
+
+
+TASK = ModelTask(
+    name="rerank",
+    head="sequence-classification",
+    architectures=("AlbertForSequenceClassification",),
+    program="classify",
+    build=build,
+    endpoints=(
+        Endpoint(
+            path="/rerank",
+            summary="Rerank texts against a query with a cross-encoder (one-label classifier), as "
+            "text-embeddings-inference's /rerank.",
+            request=RerankRequest,
+            response=RerankResponse,
+            decode=decode,
+        ),
+    ),
+)

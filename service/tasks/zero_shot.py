@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from model.tokenizer import AlbertTokenizer
 
 from ..errors import InvalidInput, PayloadTooLarge
-from .base import ModelInput, Prepared
+from .base import Decoded, Endpoint, ModelInput, ModelTask, Prepared, as_list, check_text, where
 
 DEFAULT_TEMPLATE = "This example is {}."
 DEFAULT_MAX_CANDIDATE_LABELS = 100
@@ -269,3 +269,38 @@ class ZeroShotTask:
             shifted = np.exp(chosen - chosen.max(-1, keepdims=True))
             scores = shifted / shifted.sum(-1, keepdims=True)
         return scores[..., 1] if independent else scores
+
+
+# --- the registry entry ----------------------------------------------------------------------------------
+
+
+def decode(body: ZeroShotRequest, settings) -> Decoded:
+    inputs, single = as_list(body.inputs, settings.max_list_items)
+    items = [check_text(text, where(i, single)) for i, text in enumerate(inputs)]
+    p = body.parameters
+    labels = p.candidate_labels if isinstance(p.candidate_labels, str) else tuple(p.candidate_labels)
+    params = ZeroShotParams(labels, hypothesis_template=p.hypothesis_template, multi_label=p.multi_label)
+    return Decoded(items, params, single)
+
+
+def build(tokenizer: AlbertTokenizer, max_length: int, config) -> ZeroShotTask:
+    # Raises ValueError for a classifier without an "entailment" label: the model fails at start-up.
+    return ZeroShotTask(tokenizer, max_length, list(config.id2label))
+
+
+TASK = ModelTask(
+    name="zero-shot",
+    head="sequence-classification",
+    architectures=("AlbertForSequenceClassification",),
+    program="classify",
+    build=build,
+    endpoints=(
+        Endpoint(
+            path="/zero-shot",
+            summary="Zero-shot classification with an NLI model, as the zero-shot-classification pipeline.",
+            request=ZeroShotRequest,
+            response=ZeroShotResponse,
+            decode=decode,
+        ),
+    ),
+)
