@@ -33,13 +33,16 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from model import PretrainedAlbert
 
 from .tasks.base import ModelInput
+from .tasks.embed import embedding_fn, embedding_params, prompt_lengths_for
 
 log = logging.getLogger(__name__)
 
 # The compiled programs: "classify" (the first token of each sequence through the last layer, then the
 # classifier), "tokens" (per-token outputs: QA and NER heads), "fill-mask" (features, then the vocabulary
 # projection at the mask positions only). The four original task names are accepted for their program.
-PROGRAMS = ("classify", "tokens", "fill-mask")
+# "embed" pools each sequence inside the program (sentence-transformers' modules; see tasks/embed.py), so
+# only the pooled vectors leave the device.
+PROGRAMS = ("classify", "tokens", "fill-mask", "embed")
 _PROGRAM_OF = {"qa": "tokens", "ner": "tokens"}
 MAX_MASK_CHUNK = 256
 # Smallest sequence an endpoint produces ([CLS] x [SEP]); bounds how many sequences share a row.
@@ -367,8 +370,15 @@ class ModelRunner:
     """One model: its compiled buckets, and `run` from sequences to per-sequence outputs."""
 
     def __init__(
-        self, program: str, model: PretrainedAlbert, buckets: list[Bucket], devices: list | None = None
+        self,
+        program: str,
+        model: PretrainedAlbert,
+        buckets: list[Bucket],
+        devices: list | None = None,
+        *,
+        embedding=None,
     ):
+        """`embedding`: the embed program's pooling and head (a tasks.embed.EmbeddingConfig)."""
         self.program = _PROGRAM_OF.get(program, program)
         if self.program not in PROGRAMS:
             raise ValueError(f"unknown program {program!r}; expected one of {', '.join(PROGRAMS)}")
@@ -378,7 +388,9 @@ class ModelRunner:
         self.mesh = Mesh(np.array(self.devices), ("data",))
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self._by_rows = NamedSharding(self.mesh, PartitionSpec("data"))
-        self.params = jax.device_put(model.params, self._replicated)
+        self.embedding = embedding
+        params = embedding_params(model.params, embedding) if self.program == "embed" else model.params
+        self.params = jax.device_put(params, self._replicated)
         self.buckets = buckets
         cfg = self.config
         # Attention FLOPs per token per unit of row length, relative to the matmul FLOPs per token.
@@ -407,17 +419,22 @@ class ModelRunner:
     def _programs(self) -> list[tuple[Any, str, Callable, list[jax.ShapeDtypeStruct]]]:
         """(key, label, jitted function, argument specs) for every executable this model needs."""
         module = self.model.module
-        main = jax.jit(
-            {"classify": _classify_fn, "tokens": _token_fn, "fill-mask": _mlm_features_fn}[self.program](
-                module
-            )
-        )
+        if self.program == "embed":
+            main = jax.jit(embedding_fn(module, self.embedding))
+        else:
+            build = {"classify": _classify_fn, "tokens": _token_fn, "fill-mask": _mlm_features_fn}[
+                self.program
+            ]
+            main = jax.jit(build(module))
         programs = []
         for bucket in self.buckets:
             shape = (bucket.rows, bucket.length)
             specs = [self._spec(shape) for _ in range(4)]
+            slots = (bucket.rows, sequences_per_row(bucket.length))
             if self.program == "classify":
-                specs.append(self._spec((bucket.rows, sequences_per_row(bucket.length))))
+                specs.append(self._spec(slots))
+            elif self.program == "embed":
+                specs += [self._spec(slots), self._spec(slots)]  # first tokens, prompt lengths
             programs.append((bucket, str(bucket), main, specs))
         if self.program == "fill-mask":
             vocab = jax.jit(_mlm_probs_fn(module))
@@ -536,6 +553,10 @@ class ModelRunner:
         if self.program == "classify":
             logits = np.asarray(executable(self.params, *inputs, batch.first_tokens)["logits"])
             return [{"logits": logits[r, k]} for r, k in batch.slots], batch
+        if self.program == "embed":
+            prompts = prompt_lengths_for(batch, sequences)
+            vectors = np.asarray(executable(self.params, *inputs, batch.first_tokens, prompts)["embedding"])
+            return [{"embedding": vectors[r, k]} for r, k in batch.slots], batch
         outputs = {name: np.asarray(value) for name, value in executable(self.params, *inputs).items()}
         if self.program == "fill-mask":
             return self._fill_mask_outputs(sequences, batch, outputs["features"]), batch

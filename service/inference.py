@@ -50,8 +50,8 @@ async def infer(
     deadline: float,
     disconnected: Callable[[], Awaitable[None]],
     timings: Timings,
-) -> list[Any]:
-    """`served`'s answers for `items` (one per item), or a ServiceError."""
+) -> tuple[list[Any], dict]:
+    """`served`'s answers for `items` (one per item) and the task's extras, or a ServiceError."""
     name = served.name
     task = runtime.tasks[name]
     batcher = runtime.batcher
@@ -99,4 +99,4 @@ async def infer(
     metrics = runtime.metrics
     metrics.queue_time.labels(name).observe(timings.queue)
     metrics.inference_time.labels(name).observe(timings.inference)
-    return answers
+    return answers, prepared.extras

@@ -8,6 +8,7 @@ A hub checkpoint is only seen once downloaded; a task it cannot serve makes that
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from .settings import DEFAULT_MODELS, MODEL_FIELDS, Settings
 from .tasks import DEFAULT_TASK_OF_ARCHITECTURE, TASKS
 
 NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-ENTRY_KEYS = ("source", "task", "default", "dtype")
+ENTRY_KEYS = ("source", "task", "default", "dtype", "pooling")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -35,6 +36,7 @@ class ModelSpec:
     default: bool
     dtype: str  # compute dtype
     origin: str  # where it was configured, for messages: "models.sentiment in models.toml", "ALBERT_QA_MODEL"
+    pooling: str = "mean"  # embed, for a plain ALBERT checkpoint (a sentence-transformers one says its own)
 
     @property
     def is_local(self) -> bool:
@@ -95,7 +97,12 @@ def _from_file(path: Path, settings: Settings) -> list[ModelSpec]:
         dtype = table.get("dtype", settings.dtype)
         if dtype not in DTYPES:
             raise ConfigError(f"{origin}: `dtype` must be one of {', '.join(DTYPES)}, got {dtype!r}")
-        entries.append(ModelSpec(name, source.strip(), task, default, dtype, origin))
+        pooling = table.get("pooling", "mean")
+        if not isinstance(pooling, str) or not pooling:
+            raise ConfigError(
+                f"{origin}: `pooling` must be a pooling mode such as mean, cls or max, got {pooling!r}"
+            )
+        entries.append(ModelSpec(name, source.strip(), task, default, dtype, origin, pooling))
     return entries
 
 
@@ -180,4 +187,4 @@ def _with_checkpoint_task(spec: ModelSpec) -> ModelSpec:
     if not spec.is_local:
         return spec
     task = task_of_checkpoint(spec, Path(spec.source).expanduser())
-    return ModelSpec(spec.name, spec.source, task, spec.default, spec.dtype, spec.origin)
+    return dataclasses.replace(spec, task=task)

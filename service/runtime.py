@@ -203,14 +203,16 @@ class Runtime:
         if served.task is None:
             served.task = task_of_checkpoint(spec, directory)
         task: ModelTask = TASKS[served.task]
-        loaded = albert.from_pretrained(directory, task=task.head, dtype=spec.dtype)
+        extra = task.read_checkpoint(directory, spec) if task.read_checkpoint is not None else None
+        weights = getattr(extra, "backbone_dir", None) or directory
+        loaded = albert.from_pretrained(weights, task=task.head, dtype=spec.dtype)
         tokenizer = albert.load_tokenizer(loaded.directory)
         max_length = min(loaded.config.max_position_embeddings, tokenizer.model_max_length)
         # The task checks that this checkpoint can serve it (labels, head size) before anything compiles.
-        handler = task.build(tokenizer, max_length, loaded.config)
+        handler = task.build(tokenizer, max_length, loaded.config, extra)
         served.architecture = loaded.task
         served.mask_token = tokenizer.mask_token
-        served.labels = list(loaded.config.id2label) if task.head.endswith("classification") else None
+        served.labels = list(loaded.config.id2label) if (task.head or "").endswith("classification") else None
         log.info(
             "%s: loaded %s (%s, task %s) in %.1fs",
             spec.name,
@@ -230,7 +232,9 @@ class Runtime:
             max_batch_tokens=s.max_batch_tokens,
             devices=len(devices),
         )
-        runner = ModelRunner(task.program, loaded, buckets, devices)
+        runner = ModelRunner(
+            task.program, loaded, buckets, devices, embedding=extra if task.program == "embed" else None
+        )
         served.state, served.total = "compiling", runner.program_count()
         cache = s.compilation_cache_dir
         costs_file = Path(cache) / "albert-serve-bucket-costs.json" if cache else None

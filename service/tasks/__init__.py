@@ -8,12 +8,12 @@ tasks.py), so adding a task is its module and one line below.
 
 from __future__ import annotations
 
-from . import classify, fill_mask, ner, qa, rerank, zero_shot
+from . import classify, embed, fill_mask, ner, qa, rerank, zero_shot
 from .base import Endpoint, ModelTask
 
 TASKS: dict[str, ModelTask] = {
     task.name: task
-    for task in (classify.TASK, fill_mask.TASK, qa.TASK, ner.TASK, zero_shot.TASK, rerank.TASK)
+    for task in (classify.TASK, fill_mask.TASK, qa.TASK, ner.TASK, embed.TASK, zero_shot.TASK, rerank.TASK)
 }
 
 # A checkpoint's default task, from config.json's `architectures`.

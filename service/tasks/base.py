@@ -71,14 +71,17 @@ class Decoded:
     items: list
     params: Any
     single: bool
+    reply: dict = field(default_factory=dict)  # what only the answer's encoding needs (e.g. encoding_format)
 
 
 @dataclass(frozen=True)
 class Endpoint:
     """One HTTP route of a task: `POST path` with `request` bodies, decoded by `decode(body, settings)`.
 
-    `hub_answer(answers, decoded)` is the answer in the Hugging Face Inference API's shape, for
-    `POST /models/{name}`; by default the same as the endpoint's own."""
+    The answer is the task's answers (unwrapped for a single input), or `encode(answers, decoded, extras,
+    model_name)` where the endpoint shapes it itself (`extras`: the task's Prepared.extras, e.g. token
+    counts). `hub_answer(answers, decoded)` is the answer in the Hugging Face Inference API's shape, for
+    `POST /models/{name}`; by default the endpoint's own."""
 
     path: str
     summary: str
@@ -86,6 +89,8 @@ class Endpoint:
     response: Any
     decode: Callable[[Any, Any], Decoded]
     hub_answer: Callable[[list, Decoded], Any] | None = None
+    encode: Callable[[list, Decoded, dict, str], Any] | None = None
+    model_field: str = "model"  # the body field naming the model
 
 
 @dataclass(frozen=True)
@@ -106,12 +111,13 @@ class ModelTask:
     """
 
     name: str
-    head: str
+    head: str | None
     architectures: tuple[str, ...]
     program: str
     build: Callable[..., Any]
     endpoints: tuple[Endpoint, ...]
     default_for: tuple[str, ...] = ()
+    read_checkpoint: Callable[..., Any] | None = None
     hub_endpoint: Callable[[Any], Endpoint] | None = None
 
     def endpoint_for_hub(self, body: Any) -> Endpoint:

@@ -205,7 +205,7 @@ def hub_answer(answers: list, decoded: Decoded) -> list:
     return answers
 
 
-def build(tokenizer: AlbertTokenizer, max_length: int, config) -> ClassificationTask:
+def build(tokenizer: AlbertTokenizer, max_length: int, config, extra=None) -> ClassificationTask:
     return ClassificationTask(tokenizer, max_length, list(config.id2label), config.problem_type)
 
 

@@ -42,7 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from model.tokenizer import AlbertTokenizer
 
 from ..errors import InvalidInput, PayloadTooLarge
-from .base import ModelInput, Prepared
+from .base import Decoded, Endpoint, ModelInput, ModelTask, Prepared, check_text, model_field
 
 log = logging.getLogger(__name__)
 
@@ -948,7 +948,7 @@ class EmbedRequest(BaseModel):
         description="A prompt of the model (config_sentence_transformers.json) to prepend; default: "
         "the model's default prompt, if any.",
     )
-    model: str | None = Field(None, description="Ignored: the endpoint serves one model.")
+    model: str | None = model_field()
 
     def items(self) -> list[str]:
         return [self.inputs] if isinstance(self.inputs, str) else list(self.inputs)
@@ -978,7 +978,11 @@ class OpenAIEmbeddingsRequest(BaseModel):
         description="A text, a list of texts, or token ids (a list, or a list of lists) used as given.",
         min_length=1,
     )
-    model: str | None = Field(None, description="Echoed in the answer; the endpoint serves one model.")
+    model: str | None = Field(
+        None,
+        description="The model to answer (GET /models lists them), echoed in the answer; by default the "
+        "task's default model.",
+    )
     encoding_format: Literal["float", "base64"] = Field(
         "float", description="float: lists of numbers; base64: little-endian float32 bytes, base64-encoded."
     )
@@ -1056,6 +1060,7 @@ class SimilarityRequest(BaseModel):
     )
     inputs: SimilarityInputs
     parameters: SimilarityParameters | None = None
+    model: str | None = model_field()
 
     def items(self) -> list[str]:
         """The source sentence first, then the sentences: embed them all, then
@@ -1070,3 +1075,119 @@ class SimilarityRequest(BaseModel):
             truncation_direction=p.truncation_direction.lower(),
             prompt_name=p.prompt_name,
         )
+
+
+# --- 5. The registry entry -------------------------------------------------------------------------------
+
+
+def _checked_texts(items: list, settings, field: str) -> list:
+    if len(items) > settings.max_list_items:
+        raise PayloadTooLarge(f"{field} has {len(items)} items; the limit is {settings.max_list_items}")
+    return [
+        check_text(item, field if len(items) == 1 else f"{field}[{i}]") if isinstance(item, str) else item
+        for i, item in enumerate(items)
+    ]
+
+
+def decode_embed(body: EmbedRequest, settings) -> Decoded:
+    return Decoded(_checked_texts(body.items(), settings, "inputs"), body.params(), False)
+
+
+def encode_embed(answers: list, decoded: Decoded, extras: dict, model: str) -> list:
+    return answers  # TEI answers one vector per input, a single input included: [[...]]
+
+
+def decode_openai(body: OpenAIEmbeddingsRequest, settings) -> Decoded:
+    reply = {"encoding_format": body.encoding_format}
+    return Decoded(_checked_texts(body.items(), settings, "input"), body.params(), False, reply)
+
+
+def encode_openai(answers: list, decoded: Decoded, extras: dict, model: str) -> dict:
+    return openai_response(
+        answers,
+        model=model,
+        prompt_tokens=extras.get("prompt_tokens", 0),
+        encoding_format=decoded.reply["encoding_format"],
+    )
+
+
+def decode_similarity(body: SimilarityRequest, settings) -> Decoded:
+    items = body.items()
+    if len(items) - 1 > settings.max_list_items:
+        raise PayloadTooLarge(
+            f"inputs.sentences has {len(items) - 1} items; the limit is {settings.max_list_items}"
+        )
+    check_text(items[0], "inputs.source_sentence")
+    for i, text in enumerate(items[1:]):
+        check_text(text, f"inputs.sentences[{i}]")
+    return Decoded(items, body.params(), False)
+
+
+def encode_similarity(answers: list, decoded: Decoded, extras: dict, model: str) -> list[float]:
+    return cosine_similarities(answers[0], answers[1:])
+
+
+def read_checkpoint(directory: Path, spec) -> EmbeddingConfig:
+    try:
+        return read_embedding_config(directory, pooling_default=spec.pooling)
+    except EmbeddingConfigError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def build(tokenizer: AlbertTokenizer, max_length: int, config, extra: EmbeddingConfig) -> EmbedTask:
+    return EmbedTask(tokenizer, extra, max_length, config.hidden_size)
+
+
+EMBED = Endpoint(
+    path="/embed",
+    summary="Sentence embeddings as sentence-transformers' encode, in text-embeddings-inference's /embed shape.",
+    request=EmbedRequest,
+    response=list[list[float]],
+    decode=decode_embed,
+    encode=encode_embed,
+)
+SIMILARITY = Endpoint(
+    path="/similarity",
+    summary="Sentence similarity (the Inference API's task): the cosine of the source with each sentence.",
+    request=SimilarityRequest,
+    response=list[float],
+    decode=decode_similarity,
+    encode=encode_similarity,
+)
+OPENAI = Endpoint(
+    path="/v1/embeddings",
+    summary="OpenAI's embeddings API (the openai client's embeddings.create); `model` names the model.",
+    request=OpenAIEmbeddingsRequest,
+    response=dict,
+    decode=decode_openai,
+    encode=encode_openai,
+)
+
+
+def _hub_endpoint(body: Any) -> Endpoint:
+    # InferenceClient.sentence_similarity and feature_extraction post to the same URL; the inputs tell them
+    # apart ({"source_sentence", "sentences"} for similarity).
+    inputs = body.get("inputs") if isinstance(body, dict) else None
+    return SIMILARITY if isinstance(inputs, dict) else EMBED
+
+
+TASK = ModelTask(
+    name="embed",
+    head=None,
+    architectures=(
+        "sentence-transformers",
+        "AlbertModel",
+        "AlbertForMaskedLM",
+        "AlbertForPreTraining",
+        "AlbertForSequenceClassification",
+        "AlbertForTokenClassification",
+        "AlbertForQuestionAnswering",
+        "AlbertForMultipleChoice",
+    ),
+    default_for=("sentence-transformers", "AlbertModel"),
+    program="embed",
+    read_checkpoint=read_checkpoint,
+    build=build,
+    endpoints=(EMBED, OPENAI, SIMILARITY),
+    hub_endpoint=_hub_endpoint,
+)

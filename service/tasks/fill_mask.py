@@ -225,7 +225,7 @@ def decode(body: FillMaskRequest, settings) -> Decoded:
     return Decoded(items, params, single)
 
 
-def build(tokenizer: AlbertTokenizer, max_length: int, config) -> FillMaskTask:
+def build(tokenizer: AlbertTokenizer, max_length: int, config, extra=None) -> FillMaskTask:
     return FillMaskTask(tokenizer, max_length)
 
 

@@ -391,7 +391,7 @@ def decode(body: NERRequest, settings) -> Decoded:
     return Decoded(items, params, single)
 
 
-def build(tokenizer: AlbertTokenizer, max_length: int, config) -> TokenClassificationTask:
+def build(tokenizer: AlbertTokenizer, max_length: int, config, extra=None) -> TokenClassificationTask:
     return TokenClassificationTask(tokenizer, max_length, list(config.id2label))
 
 

@@ -379,7 +379,7 @@ def decode(body: QARequest, settings) -> Decoded:
     return Decoded(items, params, single)
 
 
-def build(tokenizer: AlbertTokenizer, max_length: int, config) -> QuestionAnsweringTask:
+def build(tokenizer: AlbertTokenizer, max_length: int, config, extra=None) -> QuestionAnsweringTask:
     return QuestionAnsweringTask(tokenizer, max_length)
 
 

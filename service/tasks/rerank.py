@@ -234,7 +234,7 @@ def decode(body: RerankRequest, settings) -> Decoded:
     return Decoded([RerankItem(query, tuple(texts))], params, True)
 
 
-def build(tokenizer: AlbertTokenizer, max_length: int, config) -> RerankTask:
+def build(tokenizer: AlbertTokenizer, max_length: int, config, extra=None) -> RerankTask:
     # Raises ValueError unless the classifier has exactly one label: the model fails at start-up.
     return RerankTask(tokenizer, max_length, len(config.id2label))
 

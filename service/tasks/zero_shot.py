@@ -283,7 +283,7 @@ def decode(body: ZeroShotRequest, settings) -> Decoded:
     return Decoded(items, params, single)
 
 
-def build(tokenizer: AlbertTokenizer, max_length: int, config) -> ZeroShotTask:
+def build(tokenizer: AlbertTokenizer, max_length: int, config, extra=None) -> ZeroShotTask:
     # Raises ValueError for a classifier without an "entailment" label: the model fails at start-up.
     return ZeroShotTask(tokenizer, max_length, list(config.id2label))
 

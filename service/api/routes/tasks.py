@@ -63,7 +63,7 @@ async def answer(
     budget = settings.request_timeout_s if timeout is None else min(timeout, settings.request_timeout_s)
     timings = Timings()
     request.state.timings = timings
-    answers = await infer(
+    answers, extras = await infer(
         runtime,
         served,
         decoded.items,
@@ -74,6 +74,8 @@ async def answer(
     )
     if hub and endpoint.hub_answer is not None:
         content = endpoint.hub_answer(answers, decoded)
+    elif endpoint.encode is not None:
+        content = endpoint.encode(answers, decoded, extras, served.name)
     else:
         content = answers[0] if decoded.single else answers
     # The tasks already build plain JSON-ready answers in the documented shapes (the fuzz and parity tests
@@ -101,7 +103,7 @@ def _route(task: ModelTask, endpoint: Endpoint):
         _: AuthDep,
         timeout: TimeoutHeader = None,
     ):
-        served = runtime.model_for(task.name, getattr(body, "model", None))
+        served = runtime.model_for(task.name, getattr(body, endpoint.model_field, None))
         return await answer(request, runtime, served, endpoint, body, timeout)
 
     route.__name__ = endpoint.path.strip("/").replace("-", "_").replace("/", "_")
