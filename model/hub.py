@@ -57,23 +57,24 @@ def _from_hub(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
 
     base = ["config.json", *TOKENIZER_FILES]
+    # Why the hub could not be used, in one line: the client's own exceptions nest several layers deep
+    # (MaxRetryError inside ConnectionError ...), and their text is kept for debug logs only.
+    hub_problem = None
     if not HF_HUB_OFFLINE:
         try:
             files = set(HfApi().list_repo_files(repo_id, revision=revision))
         except Exception as exc:  # network errors, 404s and auth errors all arrive as different types
-            log.warning(
-                "hub unreachable for %s (%s: %s); trying the local cache", repo_id, type(exc).__name__, exc
-            )
+            hub_problem = _hub_problem(exc)
+            log.debug("hub lookup of %s failed: %r", repo_id, exc)
         else:
             patterns = base + _weights_patterns(files)
             try:
                 return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
             except Exception as exc:
-                log.warning(
-                    "download of %s failed (%s: %s); trying the local cache", repo_id, type(exc).__name__, exc
-                )
+                hub_problem = f"download failed: {_hub_problem(exc)}"
+                log.debug("download of %s failed: %r", repo_id, exc)
     try:
-        return Path(
+        path = Path(
             snapshot_download(
                 repo_id,
                 revision=revision,
@@ -82,8 +83,27 @@ def _from_hub(repo_id: str, revision: str | None) -> Path:
             )
         )
     except Exception as exc:
-        mode = "HF_HUB_OFFLINE is set" if HF_HUB_OFFLINE else "the Hugging Face Hub could not be reached"
+        mode = (
+            "HF_HUB_OFFLINE is set"
+            if HF_HUB_OFFLINE
+            else f"the Hugging Face Hub could not be used ({hub_problem})"
+        )
         raise SourceNotFoundError(
             f"{repo_id}: {mode} and the repository is not in the local cache ({HF_HUB_CACHE}); "
             "download it once with network access, or give a local directory in Hugging Face layout"
         ) from exc
+    if hub_problem is not None:
+        log.warning(
+            "%s: the Hugging Face Hub could not be used (%s); using the cached copy", repo_id, hub_problem
+        )
+    return path
+
+
+def _hub_problem(exc: Exception) -> str:
+    """A short reason: the HTTP status where there is one, else the kind of error."""
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if status is not None:
+        return f"HTTP {status}"
+    if isinstance(exc, OSError) or "Connection" in type(exc).__name__:
+        return f"cannot connect ({type(exc).__name__})"
+    return type(exc).__name__

@@ -57,7 +57,7 @@ def _short(value, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
-def describe_validation_error(exc: RequestValidationError) -> str:
+def describe_validation_error(exc: RequestValidationError, content_type: str = "") -> str:
     """One readable line per problem: where, what, and the value received (shortened)."""
     parts = []
     for error in exc.errors()[:5]:
@@ -71,8 +71,10 @@ def describe_validation_error(exc: RequestValidationError) -> str:
             continue
         if loc == "body" and isinstance(error.get("input"), bytes):
             # FastAPI leaves the body as raw bytes when the Content-Type is not JSON (curl -d sends a form).
+            sent = f"sent as {content_type}" if content_type else "sent without a Content-Type"
             parts.append(
-                f"the body must be JSON sent with 'Content-Type: application/json' (got {_short(error['input'])})"
+                f"the body must be JSON sent with the header 'Content-Type: application/json' (got "
+                f"{len(error['input'])} bytes {sent})"
             )
             continue
         message = error.get("msg", "invalid")
@@ -256,7 +258,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, start_runt
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError):
-        return error_response(422, describe_validation_error(exc), "validation_error")
+        content_type = request.headers.get("content-type", "").split(";")[0].strip()
+        return error_response(422, describe_validation_error(exc, content_type), "validation_error")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException):
@@ -307,3 +310,7 @@ def configure_logging(level: str) -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True  # our middleware writes one line per request
+    # JAX tries every backend it knows at start-up and logs, at info, each one this machine lacks ("Unable to
+    # initialize backend 'tpu'"): noise on every start of a CPU or GPU machine. Kept at debug.
+    if level.lower() != "debug":
+        logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)

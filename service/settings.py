@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import typing
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -171,16 +172,47 @@ def model_env_var(endpoint: str) -> str:
     return Settings.env_name(MODEL_FIELDS[endpoint])
 
 
+def _default_text(field) -> str:
+    value = field.default_factory() if field.default_factory is not None else field.default
+    if value is None:
+        return "unset"
+    if isinstance(value, list):
+        return ",".join(map(str, value)) or "empty"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value) if value != "" else "empty"
+
+
+def _choices(annotation) -> tuple | None:
+    if typing.get_origin(annotation) is Literal:
+        return typing.get_args(annotation)
+    if annotation is bool:
+        return ("true", "false")
+    return None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="albert-serve",
-        description="Serve ALBERT models over HTTP: /classify, /fill-mask, /qa, /ner. Every flag can also be set "
-        "with the ALBERT_* environment variable named after it.",
+        description="Serve ALBERT models over HTTP, any number by name (see --models-file). Every flag can also be "
+        "set with the ALBERT_* environment variable named after it; a flag wins over its variable.",
     )
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
-        help_text = f"{field.description} [env {Settings.env_name(name)}]"
-        parser.add_argument(flag, dest=name, default=argparse.SUPPRESS, help=help_text)
+        choices = _choices(field.annotation)
+        help_text = field.description
+        if choices:
+            help_text += f" Choices: {', '.join(map(str, choices))}."
+        help_text += f" Default: {_default_text(field)}. [env {Settings.env_name(name)}]"
+        # %% : argparse formats help strings with %-formatting.
+        literal = typing.get_origin(field.annotation) is Literal
+        parser.add_argument(
+            flag,
+            dest=name,
+            default=argparse.SUPPRESS,
+            choices=choices if literal else None,  # argparse refuses anything else, naming the choices
+            help=help_text.replace("%", "%%"),
+        )
     return parser
 
 

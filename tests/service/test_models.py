@@ -94,11 +94,11 @@ def test_bad_models_file_is_refused_naming_the_entry(tmp_path, service_repos, to
 
 def test_bad_short_form_and_duplicates_are_refused(tmp_path, service_repos):
     classify = service_repos["classify"][0]
-    with pytest.raises(ConfigError, match="ALBERT_MODELS entry 1.*expected name=source"):
+    with pytest.raises(ConfigError, match=r"ALBERT_MODELS entry 1.*expected name=source"):
         configured_models(_settings(tmp_path, models=str(classify)))
     with pytest.raises(ConfigError, match="'classify' is already used by ALBERT_MODELS entry 1"):
         configured_models(_settings(tmp_path, models=f"classify={classify}", classify_model=str(classify)))
-    with pytest.raises(ConfigError, match="models file .*cannot be read"):
+    with pytest.raises(ConfigError, match=r"models file .*cannot be read"):
         configured_models(Settings(**NO_ENDPOINT_MODELS, models_file=str(tmp_path / "missing.toml")))
 
 
@@ -155,8 +155,7 @@ def repo_client(repository):
         yield client
 
 
-def test_each_failure_is_its_own_and_the_others_serve(repository, repo_client):
-    runtime, _ = repository
+def test_each_failure_is_its_own_and_the_others_serve(repo_client):
     states = {m["name"]: m for m in repo_client.get("/models").json()["models"]}
     assert {name: m["state"] for name, m in states.items()} == {
         "two": "ready",

@@ -287,7 +287,7 @@ def test_inference_client_embedding_similarity_and_zero_shot(tasks_server, task_
             [{"label": x.label, "score": x.score} for x in answer],
             [
                 {"label": label, "score": score}
-                for label, score in zip(expected["labels"], expected["scores"])
+                for label, score in zip(expected["labels"], expected["scores"], strict=True)
             ],
         )
     finally:
