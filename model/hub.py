@@ -86,7 +86,7 @@ def _from_hub(repo_id: str, revision: str | None) -> Path:
         mode = (
             "HF_HUB_OFFLINE is set"
             if HF_HUB_OFFLINE
-            else f"the Hugging Face Hub could not be used ({hub_problem})"
+            else f"the Hugging Face Hub could not be reached ({hub_problem})"
         )
         raise SourceNotFoundError(
             f"{repo_id}: {mode} and the repository is not in the local cache ({HF_HUB_CACHE}); "
@@ -94,7 +94,7 @@ def _from_hub(repo_id: str, revision: str | None) -> Path:
         ) from exc
     if hub_problem is not None:
         log.warning(
-            "%s: the Hugging Face Hub could not be used (%s); using the cached copy", repo_id, hub_problem
+            "%s: the Hugging Face Hub could not be reached (%s); using the cached copy", repo_id, hub_problem
         )
     return path
 
