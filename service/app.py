@@ -71,10 +71,13 @@ def describe_validation_error(exc: RequestValidationError, content_type: str = "
             continue
         if loc == "body" and isinstance(error.get("input"), bytes):
             # FastAPI leaves the body as raw bytes when the Content-Type is not JSON (curl -d sends a form).
+            raw = error["input"]
             sent = f"sent as {content_type}" if content_type else "sent without a Content-Type"
+            start = raw[:40].decode("utf-8", "replace")
+            start = "".join(c if c.isprintable() else "?" for c in start) + ("..." if len(raw) > 40 else "")
             parts.append(
                 f"the body must be JSON sent with the header 'Content-Type: application/json' (got "
-                f"{len(error['input'])} bytes {sent})"
+                f"{len(raw)} bytes {sent}, starting: {start})"
             )
             continue
         message = error.get("msg", "invalid")
