@@ -7,8 +7,10 @@ without /usr/bin/chromium they are skipped, saying so.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from tests.pages.browser import API_KEY, CHROMEDRIVER, CHROMIUM, console_errors, start_chromium
@@ -57,6 +59,28 @@ def page_repos(make_repo) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
+def more_tasks_file(make_repo, tmp_path_factory) -> Path:
+    """A models file adding an embedder, an NLI classifier for zero-shot and a one-label cross-encoder.
+
+    Read by builds with named models and these tasks (ALBERT_MODELS_FILE); a build without them ignores it, and
+    the tests of those tasks skip.
+    """
+    shallow = SERVICE_REPOS["classify"][1]
+    base = make_repo("base", **{**shallow, "seed": 4})[0]
+    nli = make_repo(
+        "sequence-classification", labels=["contradiction", "neutral", "entailment"], **{**shallow, "seed": 7}
+    )[0]
+    cross = make_repo("sequence-classification", labels=["score"], **{**shallow, "seed": 8})[0]
+    path = tmp_path_factory.mktemp("pages-models") / "models.toml"
+    path.write_text(
+        f'[models.embed]\nsource = "{base}"\ntask = "embed"\n\n'
+        f'[models.zero-shot]\nsource = "{nli}"\ntask = "zero-shot"\n\n'
+        f'[models.rerank]\nsource = "{cross}"\ntask = "rerank"\n'
+    )
+    return path
+
+
+@pytest.fixture(scope="session")
 def jax_cache(tmp_path_factory) -> Path:
     # Shared by the servers of this session: the keyed server's classify model compiles from it.
     return tmp_path_factory.mktemp("pages-jax-cache")
@@ -77,6 +101,45 @@ def server(page_repos, jax_cache, tmp_path_factory):
     """The service with the four tiny models, no API keys."""
     log = tmp_path_factory.mktemp("pages-server") / "server.log"
     process = _serve(service_env(page_repos, jax_cache), log)
+    yield process
+    process.kill()
+
+
+@pytest.fixture(scope="session")
+def more_server(more_tasks_file, jax_cache, tmp_path_factory):
+    """The service with the embed, zero-shot and rerank models only (none, on a build without those tasks).
+
+    Waited for until each model is ready or failed, not for /ready: a model that fails fails its own test.
+    """
+    log = tmp_path_factory.mktemp("pages-more-server") / "server.log"
+    process = ServiceProcess(service_env({}, jax_cache, ALBERT_MODELS_FILE=str(more_tasks_file)), log)
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            if process.process.poll() is not None:
+                raise RuntimeError(
+                    f"albert-serve exited with {process.process.returncode}:\n{process.log()[-3000:]}"
+                )
+            try:
+                response = httpx.get(process.url + "/models", timeout=5)
+            except httpx.TransportError:
+                response = None
+            if response is not None and response.status_code == 404:  # a build without named models
+                process.wait_ready()
+                break
+            settled = ("ready", "failed")
+            if (
+                response is not None
+                and response.status_code == 200
+                and all(m["state"] in settled for m in response.json()["models"])
+            ):
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"models not settled after 300s:\n{process.log()[-3000:]}")
+            time.sleep(0.2)
+    except BaseException:
+        process.kill()
+        raise
     yield process
     process.kill()
 
