@@ -30,7 +30,7 @@ import numpy as np
 
 from service.settings import ENDPOINTS, model_env_var
 
-from . import checkpoint, texts
+from . import chart, checkpoint, texts
 from .load import LoadResult, run_load
 
 ROOT = Path(__file__).resolve().parent
@@ -312,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     path = out / time.strftime("bench-%Y%m%d-%H%M%S.json")
     path.write_text(json.dumps(report, indent=2))
     print(f"\nresults written to {path}")
+    print(f"chart written to {chart.write_chart(path)}")
     return 0 if report["targets_met"] else 1
 
 

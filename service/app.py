@@ -18,7 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .api.routes import models, ops, tasks
+from .api.routes import models, ops, pages, tasks
 from .errors import ServiceError
 from .runtime import Runtime
 from .settings import Settings
@@ -249,11 +249,15 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, start_runt
         description="Answers as the transformers 4.57 pipelines do. Errors are JSON "
         '`{"error": ..., "error_type": ...}`.',
         lifespan=lifespan,
+        # /docs and /redoc are served offline by the pages router, from the service's own copies.
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.runtime = runtime
     app.include_router(tasks.router)
     app.include_router(models.router)
     app.include_router(ops.router)
+    app.include_router(pages.router)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):
