@@ -108,17 +108,18 @@ def held(service_repos):
 
 
 @pytest.fixture
-def device(held):
-    """The gate, open again (and the queue empty) after each test, whatever happened in it."""
-    yield held.gate
-    held.gate.open()
-    wait_until(lambda: held.runtime.batcher.queued_sequences == 0, 30, "the queue did not drain")
-
-
-@pytest.fixture
 def pool():
     with ThreadPoolExecutor(8) as executor:
         yield executor
+
+
+@pytest.fixture
+def device(held, pool):
+    """The gate, open again (and the queue empty) after each test, whatever happened in it. (It depends on
+    `pool` so that it is torn down first: the pool's threads may be waiting for the gate.)"""
+    yield held.gate
+    held.gate.open()
+    wait_until(lambda: held.runtime.batcher.queued_sequences == 0, 30, "the queue did not drain")
 
 
 def wait_until(predicate, timeout: float, message: str) -> None:
@@ -225,7 +226,7 @@ def test_deadline_passing_on_the_device_is_504_on_time(held, device, pool):
 
 def test_default_deadline_applies_and_caps_longer_requested_ones(held, device, pool, monkeypatch):
     default = 0.5
-    hold_the_device(held, device, pool)  # first: the blocker itself keeps the long default
+    blocker = hold_the_device(held, device, pool)  # first: the blocker itself keeps the long default
     monkeypatch.setattr(
         held.runtime, "settings", held.runtime.settings.model_copy(update={"request_timeout_s": default})
     )
@@ -236,6 +237,8 @@ def test_default_deadline_applies_and_caps_longer_requested_ones(held, device, p
         assert_error(response, 504, "deadline_exceeded", f"{default:g}s default")
         # At the default, not at the 60 s asked for (nor when the device lets go): the device is still held.
         assert not device._open.is_set()
+    device.open()
+    assert blocker.result().status_code == 200
 
 
 def test_deadline_shorter_than_tokenization_is_504(held):
