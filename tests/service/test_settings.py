@@ -37,8 +37,6 @@ def _samples(name: str, annotation) -> tuple[str, object, str, object]:
         return "3000", 3000, "4000", 4000
     if annotation is float:
         return "7.5", 7.5, "9.25", 9.25
-    if annotation is bool:
-        return "true", True, "false", False
     return "from-the-env", "from-the-env", "from-the-flag", "from-the-flag"
 
 
@@ -54,12 +52,16 @@ def _clear_env(monkeypatch):
 def test_flag_beats_environment_beats_default(name, monkeypatch):
     _clear_env(monkeypatch)
     field = Settings.model_fields[name]
-    env_text, env_value, flag_text, flag_value = _samples(name, field.annotation)
-    assert env_value != flag_value
+    default = getattr(load_settings([]), name)
+    if field.annotation is bool:  # two values only: the variable flips the default, the flag flips it back
+        env_text, env_value = str(not default).lower(), not default
+        flag_text, flag_value = str(default).lower(), default
+    else:
+        env_text, env_value, flag_text, flag_value = _samples(name, field.annotation)
+    # So that each step below is visible: the variable changes the value, and the flag changes it again.
+    assert env_value != default and flag_value != env_value, (name, default, env_value, flag_value)
     flag = "--" + name.replace("_", "-")
 
-    default = getattr(load_settings([]), name)
-    assert default not in (env_value, flag_value), (name, default)  # so each step below is visible
     monkeypatch.setenv(Settings.env_name(name), env_text)
     assert getattr(load_settings([]), name) == env_value
     assert getattr(load_settings([flag, flag_text]), name) == flag_value
