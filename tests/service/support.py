@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -12,6 +13,18 @@ import time
 from pathlib import Path
 
 import httpx
+
+# The checkout under test: a child process must serve this tree, not whatever the venv's editable install
+# points at.
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """os.environ plus `env`, with this checkout first on PYTHONPATH."""
+    full = {**os.environ, **(env or {})}
+    full["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), *filter(None, [full.get("PYTHONPATH")])])
+    return full
+
 
 SHALLOW = dict(num_hidden_layers=2, num_hidden_groups=1, inner_group_num=1)
 SERVICE_REPOS = {
@@ -43,19 +56,51 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    def __init__(self, env: dict[str, str], log_path: Path):
+    """A real `albert-serve` process (of this checkout), its output in `log_path`.
+
+    `args` are command-line flags; `command` replaces the `albert-serve` executable (e.g. a wrapper that
+    gates the device, see gated_serve.py); the port always comes from ALBERT_PORT.
+    """
+
+    def __init__(
+        self,
+        env: dict[str, str],
+        log_path: Path,
+        args: list[str] | None = None,
+        command: list[str] | None = None,
+    ):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
-        executable = shutil.which("albert-serve", path=str(Path(sys.executable).parent)) or "albert-serve"
-        full_env = {**os.environ, **env, "ALBERT_HOST": "127.0.0.1", "ALBERT_PORT": str(self.port)}
+        if command is None:
+            executable = shutil.which("albert-serve", path=str(Path(sys.executable).parent)) or "albert-serve"
+            command = [executable]
+        full_env = child_env({**env, "ALBERT_HOST": "127.0.0.1", "ALBERT_PORT": str(self.port)})
         self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
-            [executable], env=full_env, stdout=self._log, stderr=subprocess.STDOUT
+            [*command, *(args or [])], env=full_env, stdout=self._log, stderr=subprocess.STDOUT
         )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def wait_for_log(self, pattern: str, timeout: float = 120.0, count: int = 1) -> re.Match:
+        """Wait until the log holds `count` matches of the regular expression `pattern`; returns the last.
+
+        The bound is far above what any machine needs: it only turns a hang into a failure."""
+        deadline = time.monotonic() + timeout
+        while True:
+            matches = list(re.finditer(pattern, self.log(), re.MULTILINE))
+            if len(matches) >= count:
+                return matches[count - 1]
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{pattern!r} not logged after {timeout}s:\n{self.log()[-3000:]}")
+            if self.process.poll() is not None:
+                raise RuntimeError(
+                    f"albert-serve exited with {self.process.returncode} before logging {pattern!r}:\n"
+                    f"{self.log()[-3000:]}"
+                )
+            time.sleep(0.02)
 
     def wait_ready(self, timeout: float = 300.0, on_pending=None) -> float:
         """Poll /ready until 200; returns the seconds it took. `on_pending(response)` sees each 503."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 import warnings
 
 import httpx
@@ -109,12 +108,8 @@ def test_logs_are_structured_one_line_per_request(served):
     )
     assert response.headers["x-request-id"] == "e2e-42"
     # The server writes its line once the response is sent: on a busy machine that can trail the answer.
-    deadline = time.monotonic() + 10
-    while True:
-        records = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
-        mine = [r for r in records if r.get("request_id") == "e2e-42"]
-        if mine or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    server.wait_for_log(r'"request_id": "e2e-42"')
+    records = [json.loads(line) for line in server.log().splitlines() if line.startswith("{")]
+    mine = [r for r in records if r.get("request_id") == "e2e-42"]
     assert len(mine) == 1 and mine[0]["status"] == 200 and mine[0]["path"] == "/ner"
     assert "queue_ms" in mine[0] and "inference_ms" in mine[0]

@@ -1,6 +1,9 @@
 """Batches split across several devices (data parallel, parameters replicated) give the same answers.
 
 JAX fixes its device count when it starts, so the service runs in a subprocess with 4 forced CPU devices.
+Equal answers alone would not show the split (every row run on one device answers the same), so the
+subprocess also records, for every forward pass its requests make, how the outputs are laid out: each
+device holds its own quarter of the rows.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ import textwrap
 import warnings
 
 from compare import assert_matches_pipeline
+
+from tests.service.support import REPO_ROOT, child_env
 
 SCRIPT = textwrap.dedent(
     """
@@ -27,12 +32,36 @@ SCRIPT = textwrap.dedent(
     runtime = Runtime(settings)
     runtime.start(background=False)
     assert not runtime.failed, runtime.failed
+
+    # Record where the outputs of every forward pass the requests below make actually live.
+    calls = []
+
+    def recording(name, key, executable):
+        def call(*args):
+            outputs = executable(*args)
+            for leaf in jax.tree_util.tree_leaves(outputs):
+                calls.append({
+                    "runner": name,
+                    "program": str(key),
+                    "rows": leaf.shape[0],
+                    "devices": sorted(str(d) for d in leaf.sharding.device_set),
+                    "replicated": leaf.sharding.is_fully_replicated,
+                    "shards": sorted((str(s.device), s.data.shape[0], s.index[0].start or 0)
+                                     for s in leaf.addressable_shards),
+                })
+            return outputs
+        return call
+
+    for name, runner in runtime.runners.items():
+        for key, executable in list(runner._compiled.items()):
+            runner._compiled[key] = recording(name, key, executable)
+
     requests = json.loads(os.environ["REQUESTS"])
     with TestClient(create_app(settings, runtime=runtime, start_runtime=False)) as client:
         answers = [client.post(path, json=body).json() for path, body in requests]
         info = client.get("/info").json()
     runtime.stop()
-    print(json.dumps({"devices": len(jax.devices()), "answers": answers, "info": info}))
+    print(json.dumps({"devices": len(jax.devices()), "answers": answers, "info": info, "calls": calls}))
     """
 )
 
@@ -73,7 +102,12 @@ def test_four_devices_answer_like_the_pipelines(service_repos, pipelines):
         "REQUESTS": json.dumps(requests),
     }
     done = subprocess.run(
-        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", SCRIPT],
+        env=child_env(env),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -81,6 +115,17 @@ def test_four_devices_answer_like_the_pipelines(service_repos, pipelines):
     for entry in result["info"]["endpoints"].values():
         assert len(entry["devices"]) == 4
         assert all(int(b.split("x")[0]) % 4 == 0 for b in entry["buckets"])  # rows split evenly
+
+    # Every forward pass, of every endpoint (fill-mask's vocabulary projection included), ran sharded: its
+    # outputs live on all 4 devices, each holding a different quarter of the rows.
+    calls = result["calls"]
+    assert {c["runner"] for c in calls} == {"classify", "fill-mask", "qa", "ner"}
+    assert any(c["program"].startswith("('vocab'") for c in calls)
+    for call in calls:
+        assert len(call["devices"]) == 4 and not call["replicated"], call
+        quarter = call["rows"] // 4
+        assert [rows for _, rows, _ in call["shards"]] == [quarter] * 4, call
+        assert sorted(start for *_, start in call["shards"]) == [0, quarter, 2 * quarter, 3 * quarter], call
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

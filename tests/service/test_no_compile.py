@@ -6,11 +6,14 @@ import gc
 import random
 from concurrent.futures import ThreadPoolExecutor
 
+import jax
 import numpy as np
 import pytest
 
 from service.engine import Bucket, Packer, bucket_grid
 from service.metrics import COMPILES
+from service.runtime import Runtime
+from service.settings import Settings
 from service.tasks.base import ModelInput
 
 WORDS = [
@@ -72,10 +75,48 @@ def test_no_compilation_after_ready_whatever_the_lengths(client):
     failures = [(r, s) for r, s in zip(requests, statuses, strict=True) if s != 200]
     assert not failures, failures[:3]
     assert COMPILES.compilations == before, "the service compiled while serving"
-    # The metric reports the same counter.
+    # The metric reports the same counter (that both move when something compiles is tested below).
+    assert _metric_compilations(client) == COMPILES.compilations
+
+
+def _metric_compilations(client) -> float:
     metrics = client.get("/metrics").text
     line = next(line for line in metrics.splitlines() if line.startswith("albert_compilations "))
-    assert float(line.split()[1]) == COMPILES.compilations
+    return float(line.split()[1])
+
+
+def test_the_compile_counter_counts_start_up_compiles(service_repos):
+    # The control for the test above: the counter it watches does move when something compiles. A start-up
+    # compiles every program of its grid (no persistent cache here), and each one is counted.
+    settings = Settings(
+        classify_model="",
+        fill_mask_model="",
+        qa_model="",
+        ner_model=str(service_repos["ner"][0]),
+        seq_buckets=[32],
+        batch_seq_buckets=[64],
+        batch_buckets=[1, 2],
+        max_batch_tokens=128,
+        compilation_cache_dir="",
+    )
+    before = COMPILES.compilations
+    runtime = Runtime(settings)
+    runtime.start(background=False)
+    try:
+        assert not runtime.failed, runtime.failed
+        programs = runtime.runners["ner"].program_count()
+        assert programs >= 3  # 1x32, 1x160 and 2x64 at least
+        assert COMPILES.compilations - before >= programs
+    finally:
+        runtime.stop()
+
+
+def test_one_compile_after_ready_moves_the_counter_and_the_metric(client):
+    before = COMPILES.compilations
+    assert _metric_compilations(client) == before
+    jax.jit(lambda x: x * 3 + 1).lower(np.zeros(7, np.float32)).compile()  # one compile, forced
+    assert COMPILES.compilations == before + 1
+    assert _metric_compilations(client) == before + 1
 
 
 def test_a_compiled_executable_refuses_other_shapes(runtime):
