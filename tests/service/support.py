@@ -49,6 +49,14 @@ SMALL_GRID = dict(
 )
 
 
+def settings_env(settings: dict) -> dict[str, str]:
+    """The ALBERT_* variables that set these settings (lists comma-separated), for a started server."""
+    return {
+        "ALBERT_" + key.upper(): ",".join(map(str, value)) if isinstance(value, list) else str(value)
+        for key, value in settings.items()
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

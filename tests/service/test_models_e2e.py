@@ -11,19 +11,12 @@ import warnings
 import pytest
 from compare import assert_matches_pipeline
 
-from tests.service.support import SERVICE_REPOS, SMALL_GRID, ServiceProcess
-
-
-def _grid_env(grid: dict) -> dict[str, str]:
-    return {
-        "ALBERT_" + key.upper(): ",".join(map(str, value)) if isinstance(value, list) else str(value)
-        for key, value in grid.items()
-    }
+from tests.service.support import SERVICE_REPOS, SMALL_GRID, ServiceProcess, settings_env
 
 
 def _models_env(repos: dict, grid: dict) -> dict[str, str]:
     env = {f"ALBERT_{e.replace('-', '_').upper()}_MODEL": str(repos[e][0]) for e in SERVICE_REPOS}
-    return {**env, **_grid_env(grid), "HF_HUB_OFFLINE": "1"}
+    return {**env, **settings_env(grid), "HF_HUB_OFFLINE": "1"}
 
 
 @pytest.fixture(scope="module")

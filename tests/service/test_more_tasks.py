@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.runtime import Runtime
 from service.settings import Settings
-from tests.service.support import SMALL_GRID, ServiceProcess
+from tests.service.support import SMALL_GRID, ServiceProcess, settings_env
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -223,11 +223,7 @@ def tasks_server(task_repos, tmp_path_factory):
         "ALBERT_COMPILATION_CACHE_DIR": "",
         "HF_HUB_OFFLINE": "1",
     }
-    for key, value in SMALL_GRID.items():
-        if key != "compilation_cache_dir":
-            env["ALBERT_" + key.upper()] = (
-                ",".join(map(str, value)) if isinstance(value, list) else str(value)
-            )
+    env.update(settings_env(SMALL_GRID))
     process = ServiceProcess(env, tmp / "server.log")
     try:
         process.wait_ready()

@@ -14,7 +14,7 @@ import httpx
 import pytest
 from embed_builders import SHALLOW, build_backbone, build_sentence_transformer
 
-from tests.service.support import SERVICE_REPOS, SMALL_GRID, ServiceProcess
+from tests.service.support import SERVICE_REPOS, SMALL_GRID, ServiceProcess, settings_env
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -49,8 +49,7 @@ def readme_server(service_repos, make_repo, spiece_model, tmp_path_factory):
     )
     env = {f"ALBERT_{e.replace('-', '_').upper()}_MODEL": str(service_repos[e][0]) for e in SERVICE_REPOS}
     env.update({"ALBERT_MODELS_FILE": str(tmp / "models.toml"), "HF_HUB_OFFLINE": "1"})
-    for key, value in SMALL_GRID.items():
-        env["ALBERT_" + key.upper()] = ",".join(map(str, value)) if isinstance(value, list) else str(value)
+    env.update(settings_env(SMALL_GRID))
     process = ServiceProcess(env, tmp / "server.log")
     try:
         process.wait_ready()
