@@ -431,6 +431,7 @@ class ProgramSet:
         self.devices = devices
         self.label = f"{kind}:{hashlib.sha256(repr(key).encode()).hexdigest()[:8]}"
         self.compiled: dict[Any, Callable] = {}
+        self.compiles = 0  # XLA compiles (or persistent-cache reads) this set did
         self.seconds: dict[Bucket, float] = {}  # measured alone (or by an earlier start): the packer's costs
         self.rough: dict[Bucket, float] = {}  # one run at start-up, until measured properly
         self.runners: weakref.WeakSet = weakref.WeakSet()
@@ -465,6 +466,7 @@ class ProgramSet:
             seconds = time.perf_counter() - start
             with self._lock:
                 self.compiled[key] = executable
+                self.compiles += 1
             return seconds
         finally:
             with self._lock:
@@ -572,10 +574,15 @@ def _write_costs(costs_file: Path, key: str, costs: dict[str, float]) -> None:
             log.warning("could not save bucket costs to %s: %s", costs_file, exc)
 
 
+# Niceness of the background compile threads (Linux: per thread). Requests' threads (nice 0) get about nine
+# tenths of a contested core; the lowest priority (19) would starve the grid on a machine others load too.
+BACKGROUND_NICE = 10
+
+
 def _lower_priority() -> None:
-    """Background compiles run at the lowest CPU priority (Linux: per thread), so requests come first."""
+    """Background compiles run at a low CPU priority, so requests come first."""
     with contextlib.suppress(AttributeError, OSError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
 
 
 def _compile_many(
@@ -623,9 +630,8 @@ def complete_grids(
     yet (one at a time, after a warm-up run) and save the times; yields (set, label, compile seconds).
 
     Each model plans with every bucket as it lands (its cost estimated from those timed, until it is timed
-    itself). In the background (`background`) the compile threads run at the lowest CPU priority."""
-    if background:
-        _lower_priority()
+    itself). In the background (`background`) the compile threads run at a low CPU priority (the timed runs
+    at the caller's: they measure what requests will get)."""
     work, seen = [], set()
     for runner in runners:
         for program_set, key in runner.programs():
