@@ -22,7 +22,7 @@ import model as albert
 from model.hub import resolve_source
 
 from .batching import Batcher
-from .engine import ModelRunner, bucket_grid, complete_grids
+from .engine import ModelRunner, bucket_grid, complete_grids, release_memory
 from .errors import (
     EndpointDisabled,
     InvalidInput,
@@ -222,7 +222,7 @@ class Runtime:
         # out of the garbage collector's reach, so a full collection while serving scans only what requests
         # create. Unfrozen, albert-base's four endpoints leave ~240,000 tracked objects, and each full
         # collection was a 0.4-0.6 s pause of every thread (measured during start-up).
-        gc.collect()
+        release_memory()
         gc.freeze()
         if self._background:
             self._grid_thread = threading.Thread(target=self._complete_grid, name="grid", daemon=True)
