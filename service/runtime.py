@@ -9,6 +9,7 @@ model that fails never stops the others. /ready is strict by default (every mode
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import threading
 import time
@@ -40,6 +41,8 @@ from .tasks.base import ModelTask
 log = logging.getLogger(__name__)
 
 STATES = ("loading", "compiling", "ready", "failed")
+# What a tokenizer is read from (model/tokenizer.py): models whose files are all the same share one.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")
 
 
 def configure_compilation_cache(directory: str) -> None:
@@ -135,6 +138,8 @@ class Runtime:
     _background: bool = True
     _grid_thread: threading.Thread | None = None
     _grid_done: threading.Event = field(default_factory=threading.Event)
+    _tokenizers: dict = field(default_factory=dict)  # files' digest -> tokenizer (see `_tokenizer`)
+    _tokenizers_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
         # Raises ConfigError naming the entry: nothing has loaded or compiled yet.
@@ -248,7 +253,7 @@ class Runtime:
         extra = task.read_checkpoint(directory, spec) if task.read_checkpoint is not None else None
         weights = getattr(extra, "backbone_dir", None) or directory
         loaded = albert.from_pretrained(weights, task=task.head, dtype=spec.dtype)
-        tokenizer = albert.load_tokenizer(loaded.directory)
+        tokenizer = self._tokenizer(loaded.directory)
         max_length = min(loaded.config.max_position_embeddings, tokenizer.model_max_length)
         # The task checks that this checkpoint can serve it (labels, head size) before anything compiles.
         handler = task.build(tokenizer, max_length, loaded.config, extra)
@@ -305,6 +310,22 @@ class Runtime:
             served.compiled,
             served.total,
         )
+
+    def _tokenizer(self, directory: Path):
+        """The checkpoint's tokenizer; one object for every model whose tokenizer files are the same (an
+        albert-base tokenizer holds ~28 MB; tokenizing only reads it, and truncation works on copies)."""
+        digest = hashlib.sha256()
+        for name in _TOKENIZER_FILES:
+            path = Path(directory) / name
+            digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"-") + b"\0")
+        key = digest.hexdigest()
+        with self._tokenizers_lock:
+            found = self._tokenizers.get(key)
+        if found is None:
+            found = albert.load_tokenizer(directory)
+            with self._tokenizers_lock:
+                found = self._tokenizers.setdefault(key, found)
+        return found
 
     @property
     def _costs_file(self) -> Path | None:

@@ -162,3 +162,12 @@ def test_fill_mask_through_the_shared_program(shared):
             logits = model(input_ids=torch.tensor(seq.input_ids[None], dtype=torch.long)).logits[0]
         probs = torch.softmax(logits[seq.mask_positions], -1).numpy()
         np.testing.assert_allclose(out["probs"], probs, atol=1e-5)
+
+
+def test_models_with_the_same_tokenizer_files_share_one_tokenizer(shared):
+    runtime, _, _ = shared
+    tokenizers = {name: runtime.tasks[name].tokenizer for name in TASKS}
+    # make_repo writes one tokenizer for every repository: one object serves all five models.
+    assert len({id(t) for t in tokenizers.values()}) == 1
+    ids = tokenizers["two"].encode("the city by the river")[0].ids
+    assert ids[0] == 2 and ids[-1] == 3
