@@ -363,6 +363,9 @@ class Runtime:
             self._grid_done.set()
         if self._stop.is_set():
             return
+        # What the background made lives as long as the process too: out of the collector's reach, as at the
+        # end of start-up (complete_grids has just collected).
+        gc.freeze()
         log.info(
             "grid complete in %.1fs: %d program(s) compiled in the background, %d model(s)",
             time.perf_counter() - begin,
