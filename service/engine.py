@@ -881,7 +881,10 @@ class ModelRunner:
         if not available or not all(b in self.main.compiled for b in self.cover):
             return
         packer = Packer(available, attention_cost_per_token=self._attention_cost)
-        estimate = packer.cost  # the FLOP estimate, before measured costs replace it
+
+        def estimate(b: Bucket) -> float:  # the packer's FLOP estimate, for any bucket of the set
+            return b.tokens * (1.0 + self._attention_cost * b.length)
+
         packer.set_measured_costs({b: self.main.cost(b, estimate) for b in available})
         if self.vocab is not None:
             self._vocab_sizes = [s for s in self._mask_sizes if s in self.vocab.compiled]
