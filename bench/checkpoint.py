@@ -91,6 +91,30 @@ def build(root: Path) -> dict[str, Path]:
     return repos
 
 
+def build_extra(root: Path, name: str, endpoint: str, labels: list[str] | None = None, seed: int = 1) -> Path:
+    """One more albert-base-shaped checkpoint of `endpoint`'s architecture (`labels`: its label names), at
+    root/name, with the tokenizer of `build(root)` (built first)."""
+    import torch
+    import transformers
+
+    directory = root / name
+    if (directory / "model.safetensors").is_file():
+        return directory
+    tokenizer_dir = root / "tokenizer"
+    if not (tokenizer_dir / "tokenizer.json").is_file():
+        build_tokenizer(tokenizer_dir)
+    architecture = ARCHITECTURES[endpoint]
+    values = dict(PRESETS["albert-base-v2"], vocab_size=VOCAB_SIZE, architectures=[architecture])
+    if labels:
+        values.update(id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)})
+    torch.manual_seed(seed)
+    model = getattr(transformers, architecture)(transformers.AlbertConfig(**values)).eval()
+    model.save_pretrained(str(directory), safe_serialization=True)
+    for file in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model"):
+        (directory / file).write_bytes((tokenizer_dir / file).read_bytes())
+    return directory
+
+
 def describe(repos: dict[str, Path]) -> dict:
     config = json.loads((repos["classify"] / "config.json").read_text())
     return {

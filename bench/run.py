@@ -167,6 +167,17 @@ class Server:
             time.sleep(0.5)
         raise TimeoutError(f"{self.name} not ready after {timeout}s")
 
+    def wait_grid(self, timeout: float = 1800) -> float:
+        """Wait until every model's whole grid is compiled and timed (a server without progressive readiness
+        reports no grid: complete once ready); the seconds waited."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            models = httpx.get(self.url + "/models", timeout=10).json().get("models", [])
+            if all(m.get("grid", {}).get("complete", True) for m in models):
+                return time.monotonic() - start
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name}: grid not complete after {timeout}s")
+
     def stop(self) -> None:
         if self.process.poll() is None:
             self.process.terminate()
@@ -279,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         startup = ours.wait_ready()
         print(f"albert-serve ready in {startup:.0f}s (compilation cache: {CACHE / 'jax'})", flush=True)
+        grid = ours.wait_grid()  # measured with every bucket in use
+        print(f"albert-serve's whole grid compiled {grid:.0f}s later", flush=True)
         for endpoint in endpoints:
             results["albert-serve"][endpoint] = drive(
                 ours, endpoint, bodies[endpoint], tokens[endpoint], concurrencies, args.duration

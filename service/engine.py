@@ -12,12 +12,19 @@ replicated.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import ctypes.util
+import dataclasses
+import gc
 import hashlib
 import json
 import logging
 import math
+import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -31,6 +38,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from model import PretrainedAlbert
+from model.modules import AlbertModel
 
 from .tasks.base import ModelInput
 from .tasks.embed import embedding_fn, embedding_params, prompt_lengths_for
@@ -305,55 +313,78 @@ class Packer:
         )
 
 
-# --- The jitted functions, one per program ---------------------------------------------------------------
-# Each takes the parameters as an argument (not a closed-over constant): smaller programs, faster compiles.
+# --- Programs, shared across models ------------------------------------------------------------------------
+# A compiled executable takes the parameters as arguments, so one executable serves every model whose
+# parameters have the same shapes and dtypes. The programs are cut where models of one backbone differ:
+#
+#   "classify"  the backbone with its pooler; the last layer only at each sequence's first token
+#               -> pooled [R, K, H] float32
+#   "tokens"    the backbone -> hidden [R, L, H] float32: QA, NER and fill-mask all run this one
+#   "vocab"     fill-mask's transform and vocabulary projection, at the mask positions only -> probs [M, V]
+#   "embed"     tasks/embed.py's embedding_fn (pooling and the sentence-transformers head inside), keyed by
+#               its pooling and head shapes too
+#
+# and the small heads in which models of one backbone differ (a classifier of 2 or 7 labels, NER's [H, C],
+# QA's [H, 2]) run on the host in float32 numpy after the program: a few thousand multiply-adds per token.
+# Each (program kind, backbone configuration less its labels, dtype, parameter shapes, devices) is one
+# ProgramSet, process-wide, holding one executable per bucket and each bucket's measured run time.
+
+# AlbertConfig fields that only the heads read (or nothing at inference): left out of the sharing key.
+_HEAD_FIELDS = frozenset({"id2label", "problem_type", "architectures", "extra", "classifier_dropout_prob"})
 
 
-def _classify_fn(module):
+def backbone_signature(config) -> tuple:
+    """The configuration a backbone program depends on: every AlbertConfig field but the heads'."""
+    return tuple(
+        (f.name, getattr(config, f.name)) for f in dataclasses.fields(config) if f.name not in _HEAD_FIELDS
+    )
+
+
+def _tree_signature(tree) -> tuple:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return tuple((jax.tree_util.keystr(path), tuple(x.shape), str(x.dtype)) for path, x in leaves)
+
+
+def _embedding_signature(embedding) -> tuple:
+    steps = tuple(
+        ("dense", s.in_features, s.out_features, s.activation, s.bias is not None)
+        if hasattr(s, "in_features")
+        else (type(s).__name__,)
+        for s in embedding.steps
+    )
+    return (tuple(embedding.pooling_modes), bool(embedding.include_prompt), steps)
+
+
+def _classify_program(backbone):
     def fn(params, input_ids, token_type_ids, position_ids, segment_ids, first_tokens):
-        def head(m):
+        def run(m):
             # Only each sequence's first token is pooled, so only those go through the last layer.
-            first = m.albert(
+            first = m(
                 input_ids, None, token_type_ids, position_ids, segment_ids, output_positions=first_tokens
-            )  # [R, K, H]
-            return m.classifier(m.albert.pool(first)).astype(jnp.float32)  # [R, K, C]
+            )
+            return m.pool(first).astype(jnp.float32)  # [R, K, H]
 
-        return {"logits": module.apply({"params": params}, method=head)}
+        return {"pooled": backbone.apply({"params": params}, method=run)}
 
     return fn
 
 
-def _token_fn(module):
+def _tokens_program(backbone):
     def fn(params, input_ids, token_type_ids, position_ids, segment_ids):
-        return module.apply(
-            {"params": params},
-            input_ids,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            segment_ids=segment_ids,
+        hidden = backbone.apply(
+            {"params": params}, input_ids, None, token_type_ids, position_ids, segment_ids
         )
+        return {"hidden": hidden.astype(jnp.float32)}  # [R, L, H]
 
     return fn
 
 
-def _mlm_features_fn(module):
-    def fn(params, input_ids, token_type_ids, position_ids, segment_ids):
-        features = module.apply(
-            {"params": params},
-            input_ids,
-            token_type_ids=token_type_ids,
-            position_ids=position_ids,
-            segment_ids=segment_ids,
-            method=type(module).mlm_features,
-        )
-        return {"features": features}  # [R, Lr, E]
+def _vocab_program(mlm_module):
+    def fn(params, hidden):  # [M, H] float32
+        def run(m, h):
+            return m.vocab_logits(m.predictions.transform(h))  # [M, V] float32
 
-    return fn
-
-
-def _mlm_probs_fn(module):
-    def fn(params, features):  # [M, E]
-        logits = module.apply({"params": params}, features, method=type(module).vocab_logits)  # [M, V] f32
+        logits = mlm_module.apply({"params": params}, hidden, method=run)
         return {"probs": jax.nn.softmax(logits, axis=-1)}
 
     return fn
@@ -366,8 +397,296 @@ def _powers_of_two_up_to(limit: int, start: int = 1) -> list[int]:
     return sizes
 
 
+def covering_buckets(grid: list[Bucket]) -> list[Bucket]:
+    """The few buckets that let a model answer any request without compiling: one row of the maximum length
+    (every sequence fits), one short row (a lone short request pays little padding) and the biggest
+    multi-row bucket (several requests share a pass under load). The rest of the grid only makes batches
+    cheaper, and compiles in the background."""
+    fewest = min(b.rows for b in grid)
+    singles = sorted(b for b in grid if b.rows == fewest)
+    cover = {singles[-1], next((b for b in singles if b.length >= 64), singles[0])}
+    multi = [b for b in grid if b.rows > fewest]
+    if multi:
+        cover.add(min(multi, key=lambda b: (-b.tokens, b.length)))
+    return sorted(cover)
+
+
+def _source_hash() -> str:
+    """The code a program's run time depends on (measured costs are kept per version of it)."""
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parent.parent
+    for name in ("model/modules.py", "model/layers.py", "service/engine.py", "service/tasks/embed.py"):
+        with contextlib.suppress(OSError):
+            digest.update((root / name).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+class ProgramSet:
+    """One program kind for one backbone shape: an executable per program key (a Bucket, or a number of
+    masks for "vocab"), shared by every model with those parameter shapes, and each bucket's run time."""
+
+    def __init__(self, key: tuple, kind: str, jitted, param_specs, arg_specs: Callable, devices: list):
+        self.key = key
+        self.kind = kind
+        self.jitted = jitted
+        self.param_specs = param_specs
+        self._arg_specs = arg_specs
+        self.devices = devices
+        self.label = f"{kind}:{hashlib.sha256(repr(key).encode()).hexdigest()[:8]}"
+        self.compiled: dict[Any, Callable] = {}
+        self.compiles = 0  # XLA compiles (or persistent-cache reads) this set did
+        self.seconds: dict[Bucket, float] = {}  # measured alone (or by an earlier start): the packer's costs
+        self.rough: dict[Bucket, float] = {}  # one run at start-up, until measured properly
+        self.runners: weakref.WeakSet = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self._pending: dict[Any, threading.Event] = {}
+        self._costs_loaded: set[Path] = set()
+        identity = {"key": repr(key), "jax": jax.__version__, "code": _source_hash()}
+        self.costs_id = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+    def __repr__(self) -> str:
+        return f"ProgramSet({self.label}, {len(self.compiled)} compiled)"
+
+    def arg_specs(self, key) -> list[jax.ShapeDtypeStruct]:
+        return self._arg_specs(key)
+
+    def compile(self, key) -> float | None:
+        """Compile `key` unless it is (or is being) compiled; the compile seconds, None if it was not this
+        call that compiled it."""
+        with self._lock:
+            if key in self.compiled:
+                return None
+            event = self._pending.get(key)
+            owner = event is None
+            if owner:
+                event = self._pending[key] = threading.Event()
+        if not owner:
+            event.wait()
+            return None
+        try:
+            start = time.perf_counter()
+            executable = self.jitted.lower(self.param_specs, *self.arg_specs(key)).compile()
+            seconds = time.perf_counter() - start
+            with self._lock:
+                self.compiled[key] = executable
+                self.compiles += 1
+            return seconds
+        finally:
+            with self._lock:
+                self._pending.pop(key, None)
+            event.set()
+
+    def params(self):
+        """Some model's parameters, to time a run with."""
+        for runner in list(self.runners):
+            return runner.params
+        return None
+
+    def time_run(self, key, *, warm: bool) -> float | None:
+        params = self.params()
+        executable = self.compiled.get(key)
+        if params is None or executable is None:
+            return None
+        zeros = [np.zeros(spec.shape, spec.dtype) for spec in self.arg_specs(key)]
+        if warm:
+            jax.block_until_ready(executable(params, *zeros))
+        start = time.perf_counter()
+        jax.block_until_ready(executable(params, *zeros))
+        return time.perf_counter() - start
+
+    def cost(self, bucket: Bucket, estimate: Callable[[Bucket], float]) -> float:
+        """Measured seconds; else one rough run's; else the FLOP estimate scaled by the buckets timed."""
+        if bucket in self.seconds:
+            return self.seconds[bucket]
+        if bucket in self.rough:
+            return self.rough[bucket]
+        timed = {**self.rough, **self.seconds}
+        if not timed:
+            return estimate(bucket)
+        x = np.array([estimate(b) for b in timed])
+        y = np.array(list(timed.values()))
+        if len(timed) >= 2:
+            (fixed, per_unit), *_ = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)
+            if fixed >= 0 and per_unit > 0:
+                return float(fixed + per_unit * estimate(bucket))
+        return float(np.mean(y / x) * estimate(bucket))
+
+    def load_costs(self, costs_file: Path | None) -> None:
+        if costs_file is None or costs_file in self._costs_loaded:
+            return
+        self._costs_loaded.add(costs_file)
+        for label, seconds in _read_costs(costs_file, self.costs_id).items():
+            with contextlib.suppress(ValueError):
+                rows, length = (int(n) for n in label.split("x"))
+                self.seconds.setdefault(Bucket(rows, length), float(seconds))
+
+    def save_costs(self, costs_file: Path | None) -> None:
+        if costs_file is not None and self.seconds:
+            _write_costs(costs_file, self.costs_id, {str(b): s for b, s in self.seconds.items()})
+
+    def refresh(self) -> None:
+        """Tell every model using these programs to plan with what is compiled now."""
+        for runner in list(self.runners):
+            runner.refresh()
+
+
+_SETS: dict[tuple, ProgramSet] = {}
+_SETS_LOCK = threading.Lock()
+
+
+def _program_set(key: tuple, make: Callable[[], ProgramSet]) -> ProgramSet:
+    with _SETS_LOCK:
+        found = _SETS.get(key)
+        if found is None:
+            found = _SETS[key] = make()
+        return found
+
+
+def program_sets() -> list[ProgramSet]:
+    """Every program set of this process."""
+    with _SETS_LOCK:
+        return list(_SETS.values())
+
+
+def _read_costs(costs_file: Path, key: str) -> dict[str, float]:
+    if not costs_file.is_file():
+        return {}
+    try:
+        found = json.loads(costs_file.read_text()).get(key, {})
+        return found if isinstance(found, dict) else {}
+    except (OSError, ValueError, AttributeError):
+        return {}  # a damaged file only costs the measurement
+
+
+_COSTS_LOCK = threading.Lock()
+
+
+def _write_costs(costs_file: Path, key: str, costs: dict[str, float]) -> None:
+    with _COSTS_LOCK:
+        try:
+            costs_file.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                table = json.loads(costs_file.read_text()) if costs_file.is_file() else {}
+            except ValueError:
+                table = {}
+            table[key] = costs
+            partial = costs_file.with_suffix(f".{os.getpid()}.tmp")
+            partial.write_text(json.dumps(table, indent=1))
+            partial.replace(costs_file)
+        except OSError as exc:
+            log.warning("could not save bucket costs to %s: %s", costs_file, exc)
+
+
+# Niceness of the background compile threads (Linux: per thread). Requests' threads (nice 0) get about nine
+# tenths of a contested core; the lowest priority (19) would starve the grid on a machine others load too.
+BACKGROUND_NICE = 10
+
+
+def _lower_priority() -> None:
+    """Background compiles run at a low CPU priority, so requests come first."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+
+
+def release_memory() -> None:
+    """Hand back what compiling left behind: JAX's tracing and lowering caches (about 3.5 MB per albert-base
+    bucket; serving runs only the compiled executables, which hold their own) and the C heap's free pages
+    (XLA and LLVM leave tens of MB per compile free but resident in malloc's arenas). Call it when no
+    compile is in progress."""
+    jax.clear_caches()
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
+def _compile_many(
+    work: list[tuple[ProgramSet, Any]], threads: int, stop: threading.Event | None, background: bool = False
+) -> Iterator[tuple[ProgramSet, Any, float]]:
+    """Compile each (set, key) of `work`, `threads` side by side (XLA compiles outside the GIL); yields (set,
+    key, compile seconds) for those this call compiled. Compiles are handed out `threads` at a time, so once
+    `stop` is set no new one starts (a shutdown waits for at most one compile per thread)."""
+    waiting = iter(work)
+    threads = max(1, threads)
+    with ThreadPoolExecutor(
+        threads, thread_name_prefix="compile", initializer=_lower_priority if background else None
+    ) as pool:
+        running: deque = deque()
+
+        def hand_out():
+            while len(running) < threads and not (stop is not None and stop.is_set()):
+                item = next(waiting, None)
+                if item is None:
+                    return
+                running.append((item, pool.submit(item[0].compile, item[1])))
+
+        hand_out()
+        while running:
+            (program_set, key), future = running.popleft()
+            seconds = future.result()
+            if seconds is not None:
+                yield program_set, key, seconds
+            hand_out()
+
+
+def _label(key) -> str:
+    return str(key) if isinstance(key, Bucket) else f"vocab x{key}"
+
+
+def complete_grids(
+    runners: list[ModelRunner],
+    *,
+    threads: int = 2,
+    costs_file: Path | None = None,
+    stop: threading.Event | None = None,
+    background: bool = True,
+) -> Iterator[tuple[ProgramSet, str, float]]:
+    """Compile every program these models want that is not compiled yet, then time each bucket not measured
+    yet (one run each, one at a time) and save the times; yields (set, label, compile seconds).
+
+    Each model plans with every bucket as it lands (its cost estimated from those timed, until it is timed
+    itself). In the background (`background`) the compile threads run at a low CPU priority (the timed runs
+    at the caller's: they measure what requests will get)."""
+    work, seen = [], set()
+    for runner in runners:
+        for program_set, key in runner.programs():
+            if (id(program_set), key) not in seen:
+                seen.add((id(program_set), key))
+                work.append((program_set, key))
+    # Cheapest first (the vocabulary projections, then short rows), interleaving the sets.
+    work.sort(key=lambda item: (isinstance(item[1], Bucket), getattr(item[1], "tokens", item[1])))
+    todo = [item for item in work if item[1] not in item[0].compiled]
+    for runner in runners:
+        runner.main.load_costs(costs_file)
+        runner.warm_covering()
+    for count, (program_set, key, seconds) in enumerate(_compile_many(todo, threads, stop, background), 1):
+        program_set.refresh()
+        if count % 16 == 0:
+            with contextlib.suppress(OSError, AttributeError):  # the heap only: caches may be in use
+                ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        yield program_set, _label(key), seconds
+    release_memory()
+    if stop is not None and stop.is_set():
+        return
+    touched = []
+    for program_set, key in work:
+        if not isinstance(key, Bucket) or key in program_set.seconds or key not in program_set.compiled:
+            continue
+        if stop is not None and stop.is_set():
+            return
+        seconds = program_set.time_run(key, warm=False)  # one run, as requests will see it
+        if seconds is not None:
+            program_set.seconds[key] = seconds
+            program_set.refresh()
+            if program_set not in touched:
+                touched.append(program_set)
+    for program_set in touched:
+        program_set.save_costs(costs_file)
+    release_memory()
+
+
 class ModelRunner:
-    """One model: its compiled buckets, and `run` from sequences to per-sequence outputs."""
+    """One model: its parameters (held once, on the devices), its head, the shared program sets it runs
+    through, and `run` from sequences to per-sequence outputs."""
 
     def __init__(
         self,
@@ -383,161 +702,193 @@ class ModelRunner:
         if self.program not in PROGRAMS:
             raise ValueError(f"unknown program {program!r}; expected one of {', '.join(PROGRAMS)}")
         self.model = model
-        self.config = model.config
+        self.config = cfg = model.config
         self.devices = devices or jax.local_devices()
         self.mesh = Mesh(np.array(self.devices), ("data",))
         self._replicated = NamedSharding(self.mesh, PartitionSpec())
         self._by_rows = NamedSharding(self.mesh, PartitionSpec("data"))
         self.embedding = embedding
-        params = embedding_params(model.params, embedding) if self.program == "embed" else model.params
-        self.params = jax.device_put(params, self._replicated)
         self.buckets = buckets
-        cfg = self.config
+        self.cover = covering_buckets(buckets)
         # Attention FLOPs per token per unit of row length, relative to the matmul FLOPs per token.
         matmul = 4 * cfg.hidden_size**2 + 2 * cfg.hidden_size * cfg.intermediate_size
-        self.packer = Packer(buckets, attention_cost_per_token=2 * cfg.hidden_size / matmul)
-        self._compiled: dict[Any, Callable] = {}
-        self._seconds: dict[Bucket, float] = {}  # measured run time of each bucket
-        # Vocabulary projections run in chunks of at most this many masks: [256, 30000] float32 is 30 MB.
-        largest_chunk = max(len(self.devices), min(self.packer.max_tokens, MAX_MASK_CHUNK))
-        self._mask_sizes = (
-            _powers_of_two_up_to(largest_chunk, start=len(self.devices))
-            if self.program == "fill-mask"
-            else []
-        )
+        self._attention_cost = 2 * cfg.hidden_size / matmul
+        self.packer: Packer | None = None  # once the covering buckets are compiled (see `refresh`)
 
-    # -- compilation ------------------------------------------------------------------------------------
+        # The weights, once: placed on the devices (the host copy from loading is dropped), the model's tree
+        # pointing at the placed arrays; the programs get sub-trees of it, the host heads float32 copies.
+        model.params = jax.device_put(model.params, self._replicated)
+        params = model.params
+        dtype = jnp.dtype(model.dtype).name
+        scan = getattr(model.module, "scan_layers", True)
+        devices_key = tuple(str(d) for d in self.devices)
+        common = (backbone_signature(cfg), dtype, scan, devices_key)
+        self._head: dict[str, np.ndarray] = {}
+        if self.program == "embed":
+            self.params = embedding_params(params, embedding)
+            key = (
+                "embed",
+                *common,
+                type(model.module).__name__,
+                _tree_signature(self.params),
+                _embedding_signature(embedding),
+            )
+            fn = embedding_fn(model.module, embedding)
+        else:
+            self.params = params["albert"]
+            pooled = self.program == "classify"
+            key = (self.program if pooled else "tokens", *common, _tree_signature(self.params))
+            backbone = AlbertModel(cfg, model.dtype, add_pooling_layer=pooled, scan_layers=scan)
+            fn = (_classify_program if pooled else _tokens_program)(backbone)
+            head = {"classify": "classifier"}.get(self.program) or next(
+                (name for name in ("classifier", "qa_outputs") if name in params), None
+            )
+            if head is not None and self.program != "fill-mask":
+                self._head = {
+                    "name": head,
+                    "kernel": np.asarray(params[head]["kernel"], np.float32),
+                    "bias": np.asarray(params[head]["bias"], np.float32),
+                }
+        self.main = _program_set(
+            key,
+            lambda: ProgramSet(
+                key, key[0], jax.jit(fn), self._param_specs(self.params), self._bucket_specs, self.devices
+            ),
+        )
+        self.main.runners.add(self)
+
+        self.vocab: ProgramSet | None = None
+        self._mask_sizes: list[int] = []
+        if self.program == "fill-mask":
+            # Vocabulary projections run in chunks of at most this many masks: [256, 30000] float32 is 30 MB.
+            largest_chunk = max(len(self.devices), min(max(b.tokens for b in buckets), MAX_MASK_CHUNK))
+            self._mask_sizes = _powers_of_two_up_to(largest_chunk, start=len(self.devices))
+            self._vocab_params = {
+                "albert": {
+                    "embeddings": {"word_embeddings": params["albert"]["embeddings"]["word_embeddings"]}
+                },
+                "predictions": params["predictions"],
+            }
+            vocab_key = ("vocab", *common, _tree_signature(self._vocab_params))
+            module = model.module
+            hidden = cfg.hidden_size
+            self.vocab = _program_set(
+                vocab_key,
+                lambda: ProgramSet(
+                    vocab_key,
+                    "vocab",
+                    jax.jit(_vocab_program(module)),
+                    self._param_specs(self._vocab_params),
+                    lambda size: [self._spec((size, hidden), jnp.float32)],
+                    self.devices,
+                ),
+            )
+            self.vocab.runners.add(self)
+
+    # -- programs -----------------------------------------------------------------------------------------
 
     def _spec(self, shape, dtype=jnp.int32) -> jax.ShapeDtypeStruct:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=self._by_rows)
 
-    def _param_specs(self):
+    def _param_specs(self, tree):
         return jax.tree_util.tree_map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated), self.params
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self._replicated), tree
         )
 
-    def _programs(self) -> list[tuple[Any, str, Callable, list[jax.ShapeDtypeStruct]]]:
-        """(key, label, jitted function, argument specs) for every executable this model needs."""
-        module = self.model.module
-        if self.program == "embed":
-            main = jax.jit(embedding_fn(module, self.embedding))
-        else:
-            build = {"classify": _classify_fn, "tokens": _token_fn, "fill-mask": _mlm_features_fn}[
-                self.program
-            ]
-            main = jax.jit(build(module))
-        programs = []
-        for bucket in self.buckets:
-            shape = (bucket.rows, bucket.length)
-            specs = [self._spec(shape) for _ in range(4)]
-            slots = (bucket.rows, sequences_per_row(bucket.length))
-            if self.program == "classify":
-                specs.append(self._spec(slots))
-            elif self.program == "embed":
-                specs += [self._spec(slots), self._spec(slots)]  # first tokens, prompt lengths
-            programs.append((bucket, str(bucket), main, specs))
-        if self.program == "fill-mask":
-            vocab = jax.jit(_mlm_probs_fn(module))
-            for size in self._mask_sizes:
-                spec = self._spec((size, self.config.embedding_size), self.model.dtype)
-                programs.append((("vocab", size), f"vocab x{size}", vocab, [spec]))
-        return programs
+    def _bucket_specs(self, bucket: Bucket) -> list[jax.ShapeDtypeStruct]:
+        shape = (bucket.rows, bucket.length)
+        specs = [self._spec(shape) for _ in range(4)]
+        slots = (bucket.rows, sequences_per_row(bucket.length))
+        if self.program == "classify":
+            specs.append(self._spec(slots))
+        elif self.program == "embed":
+            specs += [self._spec(slots), self._spec(slots)]  # first tokens, prompt lengths
+        return specs
+
+    def programs(self) -> list[tuple[ProgramSet, Any]]:
+        """(set, key) of every executable this model uses: its grid, and fill-mask's vocabulary sizes."""
+        found = [(self.main, b) for b in self.buckets]
+        if self.vocab is not None:
+            found += [(self.vocab, size) for size in self._mask_sizes]
+        return found
+
+    def covering_programs(self) -> list[tuple[ProgramSet, Any]]:
+        found = [(self.main, b) for b in self.cover]
+        if self.vocab is not None:
+            found += [(self.vocab, size) for size in sorted({self._mask_sizes[0], self._mask_sizes[-1]})]
+        return found
 
     def program_count(self) -> int:
         return len(self.buckets) + len(self._mask_sizes)
 
+    def compiled_count(self) -> int:
+        return sum(1 for program_set, key in self.programs() if key in program_set.compiled)
+
+    @property
+    def grid_complete(self) -> bool:
+        """Every program compiled and every bucket's cost measured."""
+        return self.compiled_count() == self.program_count() and all(
+            b in self.main.seconds for b in self.buckets
+        )
+
+    @property
+    def _compiled(self) -> dict:
+        """This model's bucket executables (shared with every model of its program set)."""
+        return self.main.compiled
+
+    @property
+    def compiled_buckets(self) -> list[Bucket]:
+        compiled = self.main.compiled
+        return [b for b in self.buckets if b in compiled]
+
+    def compile_covering(
+        self, threads: int = 2, costs_file: Path | None = None, stop: threading.Event | None = None
+    ) -> Iterator[tuple[str, float]]:
+        """Compile the covering programs this model's set lacks (see `covering_buckets`); yields (label,
+        compile seconds) for each it compiled. Then the model can plan (at costs estimated from FLOPs until
+        buckets are timed, see `warm_covering` and `complete_grids`): it answers any request."""
+        self.main.load_costs(costs_file)
+        for _set, key, seconds in _compile_many(self.covering_programs(), threads, stop):
+            yield _label(key), seconds
+        if stop is not None and stop.is_set():
+            return
+        self.main.refresh()
+
+    def warm_covering(self) -> None:
+        """Run each covering bucket once (the first run pays an executable's one-off costs); its time is the
+        bucket's cost until it is measured in the quiet (unless an earlier start measured it)."""
+        for bucket in self.cover:
+            if bucket not in self.main.seconds and bucket not in self.main.rough:
+                seconds = self.main.time_run(bucket, warm=False)
+                if seconds is not None:
+                    self.main.rough[bucket] = seconds
+        self.main.refresh()
+
     def compile_all(
         self, threads: int = 2, costs_file: Path | None = None, stop: threading.Event | None = None
     ) -> Iterator[tuple[str, float]]:
-        """Compile every executable, then time one run of each bucket; yields (label, compile seconds).
+        """The covering programs, then the rest of the grid, in the foreground; yields (label, seconds)."""
+        yield from self.compile_covering(threads, costs_file, stop)
+        for _, label, seconds in complete_grids(
+            [self], threads=threads, costs_file=costs_file, stop=stop, background=False
+        ):
+            yield label, seconds
 
-        XLA compiles outside the GIL, so `threads` compile side by side; the timed runs go one at a time, as
-        they must have the machine to themselves (the first run also pays each executable's one-off costs
-        before any request does). Measured times become the packer's costs. With `costs_file`, times measured
-        by an earlier start of the same model on the same machine are reused instead of measured again.
-        Compiles are handed out `threads` at a time, so once `stop` is set no new one starts and this returns
-        after those in progress (a shutdown during start-up waits for at most one compile per thread).
-        """
-        params = self._param_specs()
-        programs = self._programs()
-        _, _, jitted, specs = programs[0]
-        costs_key = self._costs_key(
-            jitted.lower(params, *specs).as_text()
-        )  # traced once; compiling reuses it
-
-        def compile_one(program):
-            key, label, jitted, specs = program
-            start = time.perf_counter()
-            executable = jitted.lower(params, *specs).compile()
-            return key, label, executable, specs, time.perf_counter() - start
-
-        compiled = []
-        waiting = iter(programs)
-        with ThreadPoolExecutor(max(1, threads), thread_name_prefix="compile") as pool:
-            running: deque = deque()
-
-            def hand_out():
-                while len(running) < max(1, threads) and not (stop is not None and stop.is_set()):
-                    program = next(waiting, None)
-                    if program is None:
-                        return
-                    running.append(pool.submit(compile_one, program))
-
-            hand_out()
-            while running:
-                key, label, executable, specs, seconds = running.popleft().result()
-                self._compiled[key] = executable
-                compiled.append((key, executable, specs))
-                yield label, seconds
-                hand_out()
-        if stop is not None and stop.is_set():
+    def refresh(self) -> None:
+        """Plan among the compiled buckets (at their current costs). The packer is replaced whole, so the
+        device worker always sees a consistent one; every bucket in it is compiled."""
+        available = self.compiled_buckets
+        if not available or not all(b in self.main.compiled for b in self.cover):
             return
-        known = self._read_costs(costs_file, costs_key)
-        for key, executable, specs in compiled:
-            if isinstance(key, Bucket) and str(key) in known:
-                self._seconds[key] = known[str(key)]
-                continue
-            seconds = self._timed_run(executable, specs)
-            if isinstance(key, Bucket):
-                self._seconds[key] = seconds
-        self.packer.set_measured_costs(self._seconds)
-        self._write_costs(costs_file, costs_key)
+        packer = Packer(available, attention_cost_per_token=self._attention_cost)
 
-    def _timed_run(self, executable, specs: list[jax.ShapeDtypeStruct]) -> float:
-        zeros = [np.zeros(spec.shape, spec.dtype) for spec in specs]
-        start = time.perf_counter()
-        jax.block_until_ready(executable(self.params, *zeros))
-        return time.perf_counter() - start
+        def estimate(b: Bucket) -> float:  # the packer's FLOP estimate, for any bucket of the set
+            return b.tokens * (1.0 + self._attention_cost * b.length)
 
-    def _costs_key(self, program_text: str) -> str:
-        """What measured costs depend on: the program (the smallest bucket's text holds the model's shapes,
-        dtype and code), the devices and the JAX version."""
-        identity = {
-            "kind": self.program,
-            "program": hashlib.sha256(program_text.encode()).hexdigest(),
-            "devices": [d.device_kind for d in self.devices],
-            "jax": jax.__version__,
-        }
-        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
-
-    def _read_costs(self, costs_file: Path | None, key: str) -> dict[str, float]:
-        if costs_file is None or not costs_file.is_file():
-            return {}
-        try:
-            return json.loads(costs_file.read_text()).get(key, {})
-        except (OSError, ValueError, AttributeError):
-            return {}  # a damaged file only costs the measurement
-
-    def _write_costs(self, costs_file: Path | None, key: str) -> None:
-        if costs_file is None:
-            return
-        try:
-            costs_file.parent.mkdir(parents=True, exist_ok=True)
-            table = json.loads(costs_file.read_text()) if costs_file.is_file() else {}
-            table[key] = {str(b): seconds for b, seconds in self._seconds.items()}
-            costs_file.write_text(json.dumps(table, indent=1))
-        except (OSError, ValueError) as exc:
-            log.warning("could not save bucket costs to %s: %s", costs_file, exc)
+        packer.set_measured_costs({b: self.main.cost(b, estimate) for b in available})
+        if self.vocab is not None:
+            self._vocab_sizes = [s for s in self._mask_sizes if s in self.vocab.compiled]
+        self.packer = packer
 
     # -- running ----------------------------------------------------------------------------------------
 
@@ -547,45 +898,55 @@ class ModelRunner:
         """Run `sequences`, laid out by `plan` (which must place them all; by default the cheapest bucket
         holding them), and return each one's outputs."""
         batch = self.packer.pack(sequences, plan)
-        executable = self._compiled[batch.bucket]
+        executable = self.main.compiled[batch.bucket]
         # numpy in: the executable transfers (and shards) its inputs itself, cheaper than device_put calls.
         inputs = (batch.input_ids, batch.token_type_ids, batch.position_ids, batch.segment_ids)
         if self.program == "classify":
-            logits = np.asarray(executable(self.params, *inputs, batch.first_tokens)["logits"])
-            return [{"logits": logits[r, k]} for r, k in batch.slots], batch
+            pooled = np.asarray(executable(self.params, *inputs, batch.first_tokens)["pooled"])
+            rows = np.array([r for r, _ in batch.slots], np.int64)
+            slots = np.array([k for _, k in batch.slots], np.int64)
+            logits = pooled[rows, slots] @ self._head["kernel"] + self._head["bias"]  # [N, C] float32
+            return [{"logits": row} for row in logits], batch
         if self.program == "embed":
             prompts = prompt_lengths_for(batch, sequences)
             vectors = np.asarray(executable(self.params, *inputs, batch.first_tokens, prompts)["embedding"])
             return [{"embedding": vectors[r, k]} for r, k in batch.slots], batch
-        outputs = {name: np.asarray(value) for name, value in executable(self.params, *inputs).items()}
+        hidden = np.asarray(executable(self.params, *inputs)["hidden"])  # [R, L, H]
         if self.program == "fill-mask":
-            return self._fill_mask_outputs(sequences, batch, outputs["features"]), batch
+            return self._fill_mask_outputs(sequences, batch, hidden), batch
         results = []
+        kernel, bias = self._head["kernel"], self._head["bias"]
+        qa = self._head["name"] == "qa_outputs"
         for r, offset, n in batch.placements:
-            results.append({name: value[r, offset : offset + n] for name, value in outputs.items()})
+            logits = hidden[r, offset : offset + n] @ kernel + bias  # [n, C] float32
+            if qa:
+                results.append({"start_logits": logits[:, 0], "end_logits": logits[:, 1]})
+            else:
+                results.append({"logits": logits})
         return results, batch
 
     def _fill_mask_outputs(
-        self, sequences, batch: PackedBatch, features: np.ndarray
+        self, sequences, batch: PackedBatch, hidden: np.ndarray
     ) -> list[dict[str, np.ndarray]]:
-        # Only the mask positions are projected onto the vocabulary.
+        # Only the mask positions go through the masked-LM head and onto the vocabulary.
         rows, cols, counts = [], [], []
         for seq, (r, offset, _) in zip(sequences, batch.placements, strict=True):
             positions = seq.mask_positions if seq.mask_positions is not None else np.zeros(0, np.int32)
             rows.extend([r] * len(positions))
             cols.extend(offset + int(p) for p in positions)
             counts.append(len(positions))
-        gathered = features[np.asarray(rows, np.int64), np.asarray(cols, np.int64)]  # [M, E]
+        gathered = hidden[np.asarray(rows, np.int64), np.asarray(cols, np.int64)]  # [M, H]
         probs = np.zeros((0, self.config.vocab_size), np.float32)
         if len(gathered):
             chunks = []
-            largest = self._mask_sizes[-1]
+            sizes = self._vocab_sizes
+            largest = sizes[-1]
             for start in range(0, len(gathered), largest):
                 chunk = gathered[start : start + largest]
-                size = next(s for s in self._mask_sizes if s >= len(chunk))
-                padded = np.zeros((size, chunk.shape[1]), chunk.dtype)
+                size = next(s for s in sizes if s >= len(chunk))
+                padded = np.zeros((size, chunk.shape[1]), np.float32)
                 padded[: len(chunk)] = chunk
-                out = self._compiled[("vocab", size)](self.params, padded)["probs"]
+                out = self.vocab.compiled[size](self._vocab_params, padded)["probs"]
                 chunks.append(np.asarray(out)[: len(chunk)])
             probs = np.concatenate(chunks)
         results, start = [], 0

@@ -9,6 +9,7 @@ model that fails never stops the others. /ready is strict by default (every mode
 from __future__ import annotations
 
 import gc
+import hashlib
 import logging
 import threading
 import time
@@ -22,7 +23,7 @@ import model as albert
 from model.hub import resolve_source
 
 from .batching import Batcher
-from .engine import ModelRunner, bucket_grid
+from .engine import ModelRunner, bucket_grid, complete_grids, release_memory
 from .errors import (
     EndpointDisabled,
     InvalidInput,
@@ -40,6 +41,8 @@ from .tasks.base import ModelTask
 log = logging.getLogger(__name__)
 
 STATES = ("loading", "compiling", "ready", "failed")
+# What a tokenizer is read from (model/tokenizer.py): models whose files are all the same share one.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "spiece.model")
 
 
 def configure_compilation_cache(directory: str) -> None:
@@ -64,9 +67,8 @@ class ServedModel:
     task: str | None  # known from the configuration or the checkpoint; None until a hub checkpoint is fetched
     state: str = "loading"  # loading | compiling | ready | failed
     reason: str = ""  # why it failed
-    compiled: int = 0
-    total: int = 0
-    runner: ModelRunner | None = None
+    runner: ModelRunner | None = None  # once ready
+    grid: ModelRunner | None = None  # from compiling on: whose programs count as this model's progress
     architecture: str = ""
     labels: list[str] | None = None
     mask_token: str | None = None
@@ -74,6 +76,28 @@ class ServedModel:
     @property
     def name(self) -> str:
         return self.spec.name
+
+    @property
+    def compiled(self) -> int:
+        """Programs of this model's grid compiled so far (shared ones included)."""
+        return self.grid.compiled_count() if self.grid is not None else 0
+
+    @property
+    def total(self) -> int:
+        return self.grid.program_count() if self.grid is not None else 0
+
+    def grid_progress(self) -> dict | None:
+        """Where the model's grid stands: programs compiled of all, and whether every bucket is compiled
+        and timed (`complete`); the model answers everything from `ready` on, with what has landed."""
+        if self.grid is None:
+            return None
+        return {
+            "compiled": self.compiled,
+            "programs": self.total,
+            "buckets_compiled": len(self.grid.compiled_buckets),
+            "buckets": len(self.grid.buckets),
+            "complete": self.grid.grid_complete,
+        }
 
     def describe(self) -> dict:
         """The model as GET /models lists it."""
@@ -88,6 +112,8 @@ class ServedModel:
         }
         if self.state == "compiling":
             entry["compiled"], entry["programs"] = self.compiled, self.total
+        if self.state in ("compiling", "ready") and self.grid is not None:
+            entry["grid"] = self.grid_progress()
         if self.state == "failed":
             entry["reason"] = self.reason
         if self.runner is not None and self.task == "fill-mask":
@@ -109,6 +135,11 @@ class Runtime:
     _thread: threading.Thread | None = None
     _settled: threading.Event = field(default_factory=threading.Event)  # every model ready or failed
     _stop: threading.Event = field(default_factory=threading.Event)
+    _background: bool = True
+    _grid_thread: threading.Thread | None = None
+    _grid_done: threading.Event = field(default_factory=threading.Event)
+    _tokenizers: dict = field(default_factory=dict)  # files' digest -> tokenizer (see `_tokenizer`)
+    _tokenizers_lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __post_init__(self):
         # Raises ConfigError naming the entry: nothing has loaded or compiled yet.
@@ -125,8 +156,11 @@ class Runtime:
     # -- lifecycle --------------------------------------------------------------------------------------
 
     def start(self, *, background: bool = True) -> None:
+        """Load and compile on a background thread (`background`), or here: then every model's whole grid is
+        compiled and timed before this returns."""
         configure_compilation_cache(self.settings.compilation_cache_dir)
         self.batcher.start()
+        self._background = background
         if background:
             self._thread = threading.Thread(target=self._start_up, name="start-up", daemon=True)
             self._thread.start()
@@ -139,8 +173,14 @@ class Runtime:
 
     @property
     def starting(self) -> bool:
-        """Some model is still loading or compiling."""
-        return not self._settled.is_set()
+        """Some model is still loading or compiling, or the rest of the grid is (a shutdown then stops the
+        compiles and leaves at once)."""
+        return not self._settled.is_set() or (self._grid_thread is not None and not self._grid_done.is_set())
+
+    @property
+    def grid_complete(self) -> bool:
+        """Every ready model's whole grid is compiled and timed."""
+        return all(m.grid.grid_complete for m in self.models.values() if m.state == "ready" and m.grid)
 
     def stop_start_up(self) -> None:
         """No new model loads and no new program compiles from now on (a shutdown during start-up)."""
@@ -150,6 +190,8 @@ class Runtime:
         self._stop.set()
         if self.batcher is not None:
             self.batcher.stop()
+        if self._grid_thread is not None:  # no new compile starts; one in progress ends within a second or so
+            self._grid_thread.join(10)
 
     @property
     def ready(self) -> bool:
@@ -179,12 +221,17 @@ class Runtime:
         if self._stop.is_set():
             log.info("start-up stopped: shutting down")
             return
+        if not self._background:  # in the foreground, the whole grid before returning
+            self._complete_grid()
         # What start-up made (models, traced programs, executables) lives as long as the process. Frozen, it is
         # out of the garbage collector's reach, so a full collection while serving scans only what requests
         # create. Unfrozen, albert-base's four endpoints leave ~240,000 tracked objects, and each full
         # collection was a 0.4-0.6 s pause of every thread (measured during start-up).
-        gc.collect()
+        release_memory()
         gc.freeze()
+        if self._background:
+            self._grid_thread = threading.Thread(target=self._complete_grid, name="grid", daemon=True)
+            self._grid_thread.start()
         self._settled.set()
         self.metrics.ready.set(1 if self.ready else 0)
         ready = [name for name, m in self.models.items() if m.state == "ready"]
@@ -206,7 +253,7 @@ class Runtime:
         extra = task.read_checkpoint(directory, spec) if task.read_checkpoint is not None else None
         weights = getattr(extra, "backbone_dir", None) or directory
         loaded = albert.from_pretrained(weights, task=task.head, dtype=spec.dtype)
-        tokenizer = albert.load_tokenizer(loaded.directory)
+        tokenizer = self._tokenizer(loaded.directory)
         max_length = min(loaded.config.max_position_embeddings, tokenizer.model_max_length)
         # The task checks that this checkpoint can serve it (labels, head size) before anything compiles.
         handler = task.build(tokenizer, max_length, loaded.config, extra)
@@ -235,11 +282,15 @@ class Runtime:
         runner = ModelRunner(
             task.program, loaded, buckets, devices, embedding=extra if task.program == "embed" else None
         )
-        served.state, served.total = "compiling", runner.program_count()
-        cache = s.compilation_cache_dir
-        costs_file = Path(cache) / "albert-serve-bucket-costs.json" if cache else None
-        for label, seconds in runner.compile_all(costs_file=costs_file, stop=self._stop):
-            served.compiled += 1
+        served.grid, served.state = runner, "compiling"
+        shared = runner.compiled_count()
+        if shared:
+            log.info(
+                "%s: %d of its %d programs are already compiled (shared)", spec.name, shared, served.total
+            )
+        # Ready once the covering programs are compiled: it can then answer any request without compiling.
+        # The rest of the grid compiles in the background once every model is ready (see `_complete_grid`).
+        for label, seconds in runner.compile_covering(costs_file=self._costs_file, stop=self._stop):
             self.metrics.compile_seconds.labels(spec.name, label).set(seconds)
             log.info(
                 "%s: compiled %s in %.2fs (%d/%d)", spec.name, label, seconds, served.compiled, served.total
@@ -251,7 +302,76 @@ class Runtime:
         self.tasks[spec.name] = handler  # the task's pre- and post-processing for this model
         self.batcher.add(spec.name, runner)
         served.state = "ready"
-        log.info("%s: ready (%s) after %.1fs", spec.name, served.task, time.perf_counter() - start)
+        log.info(
+            "%s: ready (%s) after %.1fs, %d/%d programs compiled",
+            spec.name,
+            served.task,
+            time.perf_counter() - start,
+            served.compiled,
+            served.total,
+        )
+
+    def _tokenizer(self, directory: Path):
+        """The checkpoint's tokenizer; one object for every model whose tokenizer files are the same (an
+        albert-base tokenizer holds ~28 MB; tokenizing only reads it, and truncation works on copies)."""
+        digest = hashlib.sha256()
+        for name in _TOKENIZER_FILES:
+            path = Path(directory) / name
+            digest.update(name.encode() + b"\0" + (path.read_bytes() if path.is_file() else b"-") + b"\0")
+        key = digest.hexdigest()
+        with self._tokenizers_lock:
+            found = self._tokenizers.get(key)
+        if found is None:
+            found = albert.load_tokenizer(directory)
+            with self._tokenizers_lock:
+                found = self._tokenizers.setdefault(key, found)
+        return found
+
+    @property
+    def _costs_file(self) -> Path | None:
+        cache = self.settings.compilation_cache_dir
+        return Path(cache) / "albert-serve-bucket-costs.json" if cache else None
+
+    def _complete_grid(self) -> None:
+        """Compile (or read from the persistent cache) the rest of every ready model's grid, at low priority,
+        then time each bucket; each model plans with each bucket as it lands. A request never waits for it:
+        it only ever runs through what is already compiled."""
+        begin = time.perf_counter()
+        runners = [m.grid for m in self.models.values() if m.state == "ready" and m.grid is not None]
+        users: dict[int, list[str]] = {}
+        for name, m in self.models.items():
+            if m.state == "ready" and m.grid is not None:
+                for program_set in (m.grid.main, m.grid.vocab):
+                    if program_set is not None:
+                        users.setdefault(id(program_set), []).append(name)
+        count = 0
+        try:
+            for program_set, label, seconds in complete_grids(
+                runners, costs_file=self._costs_file, stop=self._stop, background=self._background
+            ):
+                count += 1
+                names = users.get(id(program_set), [])
+                for name in names:
+                    self.metrics.compile_seconds.labels(name, label).set(seconds)
+                log.debug(
+                    "grid: compiled %s %s in %.2fs (%s)", program_set.label, label, seconds, ", ".join(names)
+                )
+        except Exception:  # the models keep serving with what has landed
+            log.exception("compiling the rest of the grid failed")
+            return
+        finally:
+            self._grid_done.set()
+        if self._stop.is_set():
+            return
+        # What the background made lives as long as the process too: out of the collector's reach, as at the
+        # end of start-up (complete_grids has just collected).
+        gc.freeze()
+        log.info(
+            "grid complete in %.1fs: %d program(s) compiled in the background, %d model(s)",
+            time.perf_counter() - begin,
+            count,
+            len(runners),
+        )
 
     # -- what the routes need -------------------------------------------------------------------------------
 
@@ -347,6 +467,7 @@ class Runtime:
                     devices=[str(d) for d in runner.devices],
                     max_length=runner.packer.max_length,
                     buckets=[str(b) for b in runner.buckets],
+                    compiled_buckets=[str(b) for b in runner.compiled_buckets],
                     vocab_size=cfg.vocab_size,
                     hidden_size=cfg.hidden_size,
                     num_hidden_layers=cfg.num_hidden_layers,
