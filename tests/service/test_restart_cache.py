@@ -34,13 +34,13 @@ SCRIPT = textwrap.dedent(
 
     jax.monitoring.register_event_listener(on_event)
     jax.monitoring.register_event_duration_secs_listener(on_duration)
-    timed_run = engine.ModelRunner._timed_run
+    timed_run = engine.ProgramSet.time_run
 
     def counting(self, *args, **kwargs):
         counts["timed_runs"] += 1
         return timed_run(self, *args, **kwargs)
 
-    engine.ModelRunner._timed_run = counting
+    engine.ProgramSet.time_run = counting
 
     runtime = Runtime(Settings(**json.loads(os.environ["SETTINGS"])))
     runtime.start(background=False)
@@ -87,7 +87,7 @@ def test_a_restart_hits_the_compilation_cache_and_reads_the_bucket_costs(service
     # A cold start compiles every program and times every bucket, and keeps both.
     assert first["cache_hits"] == 0 and first["cache_misses"] >= programs, first
     assert first["backend_compiles"] >= programs, first
-    assert first["timed_runs"] == programs, first
+    assert first["timed_runs"] >= len(first["costs"]), first  # every bucket timed (covering ones once more)
     assert any(cache.iterdir())
     table = json.loads(costs_file.read_text())
     assert len(table) == 1 and set(next(iter(table.values()))) == set(first["costs"]), table
@@ -106,5 +106,5 @@ def test_a_restart_hits_the_compilation_cache_and_reads_the_bucket_costs(service
     # The control: a cost file that does not match this program (its key) is ignored, and measured afresh.
     costs_file.write_text(json.dumps({"someone-else": next(iter(table.values()))}))
     third = _start(settings)
-    assert third["timed_runs"] == programs, third
+    assert third["timed_runs"] >= len(third["costs"]), third
     assert len(json.loads(costs_file.read_text())) == 2
