@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, Protocol, TypeVar
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import numpy as np
 from pydantic import ConfigDict, Field
@@ -154,6 +154,11 @@ def as_list(inputs: Any, max_items: int, field: str = "inputs") -> tuple[list, b
     return inputs, False
 
 
+def item_prefix(index: int, count: int) -> str:
+    """How a task's message names one input of several ("input 2: "); nothing for a lone input."""
+    return f"input {index}: " if count > 1 else ""
+
+
 def where(index: int, single: bool, field: str = "inputs") -> str:
     return field if single else f"{field}[{index}]"
 
@@ -162,6 +167,9 @@ def check_top_k(top_k: int | None, limit: int, field: str = "parameters.top_k") 
     if top_k is not None and top_k > limit:
         raise ValidationFailed(f"{field} must be at most {limit}, got {top_k}")
 
+
+# TEI's spelling in its OpenAPI document ("Left"/"Right") and its default's ("right") are both accepted.
+TruncationDirection = Literal["right", "left", "Right", "Left"]
 
 # Unknown fields are refused, so a misspelt parameter is a 422 rather than silently ignored.
 STRICT = ConfigDict(extra="forbid")

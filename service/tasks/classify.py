@@ -26,6 +26,7 @@ from .base import (
     as_list,
     check_text,
     check_top_k,
+    item_prefix,
     model_field,
     where,
 )
@@ -49,10 +50,6 @@ class ClassifyParams:
 class _Context:
     function: str
     top_k: int | None
-
-
-def _where(index: int, count: int) -> str:
-    return f"input {index}: " if count > 1 else ""
 
 
 # The pipeline's own numpy formulas, so that float32 logits give the same float32 scores.
@@ -108,9 +105,9 @@ class ClassificationTask:
 
     def _encode(self, item: ClassifyItem, index: int, count: int) -> ModelInput:
         if not item.text.strip():
-            raise InvalidInput(f"{_where(index, count)}text is empty or only whitespace")
+            raise InvalidInput(f"{item_prefix(index, count)}text is empty or only whitespace")
         if item.text_pair is not None and not item.text_pair.strip():
-            raise InvalidInput(f"{_where(index, count)}text_pair is empty or only whitespace")
+            raise InvalidInput(f"{item_prefix(index, count)}text_pair is empty or only whitespace")
         encoding = self.tokenizer.encode(item.text, item.text_pair, max_length=self.model_max_length)[0]
         return ModelInput(
             input_ids=np.asarray(encoding.ids, dtype=np.int32),  # [L]

@@ -42,7 +42,19 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from model.tokenizer import AlbertTokenizer
 
 from ..errors import InvalidInput, PayloadTooLarge
-from .base import Decoded, Endpoint, ModelInput, ModelTask, Prepared, check_text, model_field
+from .base import (
+    Decoded,
+    Endpoint,
+    ModelInput,
+    ModelTask,
+    Prepared,
+    TruncationDirection,
+    as_list,
+    check_text,
+    item_prefix,
+    model_field,
+    where,
+)
 
 log = logging.getLogger(__name__)
 
@@ -726,10 +738,6 @@ class _Context:
     dimensions: int | None
 
 
-def _where(index: int, count: int) -> str:
-    return f"input {index}: " if count > 1 else ""
-
-
 def _has_lowercase(tokenizer: AlbertTokenizer) -> bool:
     """As sentence-transformers' check: a Lowercase normalizer, alone or in a top-level Sequence."""
     try:
@@ -875,7 +883,7 @@ class EmbedTask:
             )
         prompt = self.prompt_for(params.prompt_name)
         model_inputs = [
-            self._encode(item, prompt, params, _where(i, len(items))) for i, item in enumerate(items)
+            self._encode(item, prompt, params, item_prefix(i, len(items))) for i, item in enumerate(items)
         ]
         return Prepared(
             model_inputs=model_inputs,
@@ -920,7 +928,6 @@ def cosine_similarities(source_vec, vecs) -> list[float]:
 # --- 4. Requests and answers -----------------------------------------------------------------------------
 
 _STRICT = ConfigDict(extra="forbid")
-TruncationDirection = Literal["right", "left", "Right", "Left"]
 
 
 class EmbedRequest(BaseModel):
@@ -1080,17 +1087,14 @@ class SimilarityRequest(BaseModel):
 # --- 5. The registry entry -------------------------------------------------------------------------------
 
 
-def _checked_texts(items: list, settings, field: str) -> list:
-    if len(items) > settings.max_list_items:
-        raise PayloadTooLarge(f"{field} has {len(items)} items; the limit is {settings.max_list_items}")
-    return [
-        check_text(item, field if len(items) == 1 else f"{field}[{i}]") if isinstance(item, str) else item
-        for i, item in enumerate(items)
-    ]
+def _checked_texts(inputs: Any, settings, field: str) -> list:
+    """The inputs as a list within max_list_items, each text checked (token id lists are checked by the task)."""
+    items, single = as_list(inputs, settings.max_list_items, field)
+    return [check_text(x, where(i, single, field)) if isinstance(x, str) else x for i, x in enumerate(items)]
 
 
 def decode_embed(body: EmbedRequest, settings) -> Decoded:
-    return Decoded(_checked_texts(body.items(), settings, "inputs"), body.params(), False)
+    return Decoded(_checked_texts(body.inputs, settings, "inputs"), body.params(), False)
 
 
 def encode_embed(answers: list, decoded: Decoded, extras: dict, model: str) -> list:
@@ -1099,7 +1103,10 @@ def encode_embed(answers: list, decoded: Decoded, extras: dict, model: str) -> l
 
 def decode_openai(body: OpenAIEmbeddingsRequest, settings) -> Decoded:
     reply = {"encoding_format": body.encoding_format}
-    return Decoded(_checked_texts(body.items(), settings, "input"), body.params(), False, reply)
+    # A list of token ids is one input; a lone string too.
+    items = body.items()
+    inputs = body.input if isinstance(body.input, str) else items
+    return Decoded(_checked_texts(inputs, settings, "input"), body.params(), False, reply)
 
 
 def encode_openai(answers: list, decoded: Decoded, extras: dict, model: str) -> dict:
@@ -1112,15 +1119,11 @@ def encode_openai(answers: list, decoded: Decoded, extras: dict, model: str) -> 
 
 
 def decode_similarity(body: SimilarityRequest, settings) -> Decoded:
-    items = body.items()
-    if len(items) - 1 > settings.max_list_items:
-        raise PayloadTooLarge(
-            f"inputs.sentences has {len(items) - 1} items; the limit is {settings.max_list_items}"
-        )
-    check_text(items[0], "inputs.source_sentence")
-    for i, text in enumerate(items[1:]):
+    as_list(body.inputs.sentences, settings.max_list_items, "inputs.sentences")
+    check_text(body.inputs.source_sentence, "inputs.source_sentence")
+    for i, text in enumerate(body.inputs.sentences):
         check_text(text, f"inputs.sentences[{i}]")
-    return Decoded(items, body.params(), False)
+    return Decoded(body.items(), body.params(), False)
 
 
 def encode_similarity(answers: list, decoded: Decoded, extras: dict, model: str) -> list[float]:

@@ -26,6 +26,7 @@ from .base import (
     as_list,
     check_text,
     check_top_k,
+    item_prefix,
     model_field,
     where,
 )
@@ -43,10 +44,6 @@ class FillMaskParams:
 class _Context:
     top_k: int
     target_ids: np.ndarray | None  # int [T], distinct ids; None = the whole vocabulary
-
-
-def _where(index: int, count: int) -> str:
-    return f"input {index}: " if count > 1 else ""
 
 
 def _top_k(probs: np.ndarray, k: int) -> np.ndarray:
@@ -81,7 +78,7 @@ class FillMaskTask:
         mask = self.tokenizer.mask_token
         if not text.strip():
             raise InvalidInput(
-                f"{_where(index, count)}the text is empty; it must contain at least one {mask}"
+                f"{item_prefix(index, count)}the text is empty; it must contain at least one {mask}"
             )
         mask_id = self.tokenizer.mask_token_id
         # With max_length the tokenizer hands back what truncation removed as further windows, so a
@@ -92,12 +89,12 @@ class FillMaskTask:
         cut_masks = sum(window.ids.count(mask_id) for window in cut)
         if cut_masks:
             raise InvalidInput(
-                f"{_where(index, count)}the text is longer than the model's maximum of {self.model_max_length} "
+                f"{item_prefix(index, count)}the text is longer than the model's maximum of {self.model_max_length} "
                 f"tokens, and truncating it would cut off {cut_masks} of its "
                 f"{cut_masks + len(mask_positions)} {mask} tokens"
             )
         if len(mask_positions) == 0:
-            raise InvalidInput(f"{_where(index, count)}no mask token ({mask}) found in the text")
+            raise InvalidInput(f"{item_prefix(index, count)}no mask token ({mask}) found in the text")
         return ModelInput(
             input_ids=input_ids,
             token_type_ids=np.asarray(kept.type_ids, dtype=np.int32),  # [L]

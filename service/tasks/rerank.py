@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, StrictBool
@@ -30,7 +29,7 @@ from tokenizers import Encoding, Tokenizer
 from model.tokenizer import AlbertTokenizer
 
 from ..errors import InvalidInput, PayloadTooLarge, ServiceError
-from .base import Decoded, Endpoint, ModelInput, ModelTask, Prepared, as_list, check_text
+from .base import Decoded, Endpoint, ModelInput, ModelTask, Prepared, TruncationDirection, as_list, check_text
 
 DEFAULT_MAX_TEXTS = 64  # the service's max_list_items default; pass the setting
 
@@ -67,7 +66,7 @@ class RerankRequest(BaseModel):
         "too-long pair is a 413.",
     )
     # TEI's OpenAPI document spells the values "Left"/"Right" and defaults to "right": both are accepted.
-    truncation_direction: Literal["left", "right", "Left", "Right"] = Field(
+    truncation_direction: TruncationDirection = Field(
         "right", description="Which end of the pair loses tokens when truncating."
     )
     model: str | None = Field(None, description="Which served model to use (default: the endpoint's).")

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool
 from model.tokenizer import AlbertTokenizer
 
 from ..errors import InvalidInput, PayloadTooLarge
-from .base import Decoded, Endpoint, ModelInput, ModelTask, Prepared, as_list, check_text, where
+from .base import Decoded, Endpoint, ModelInput, ModelTask, Prepared, as_list, check_text, item_prefix, where
 
 DEFAULT_TEMPLATE = "This example is {}."
 DEFAULT_MAX_CANDIDATE_LABELS = 100
@@ -133,10 +133,6 @@ def find_entailment_id(labels: list[str] | tuple[str, ...], label2id: Mapping[st
     return -1
 
 
-def _where(index: int, count: int) -> str:
-    return f"input {index}: " if count > 1 else ""
-
-
 class ZeroShotTask:
     name = "zero-shot"
 
@@ -188,7 +184,7 @@ class ZeroShotTask:
         model_inputs = []
         for index, sequence in enumerate(items):
             if not sequence.strip():
-                raise InvalidInput(f"{_where(index, len(items))}text is empty or only whitespace")
+                raise InvalidInput(f"{item_prefix(index, len(items))}text is empty or only whitespace")
             for label, hypothesis in zip(labels, hypotheses, strict=True):
                 model_inputs.append(self._encode(sequence, hypothesis, label))
         context = _Context(sequences=list(items), labels=labels, multi_label=params.multi_label)
