@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from .tasks import DEFAULT_TASK_OF_ARCHITECTURE, TASKS
 
 NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 ENTRY_KEYS = ("source", "task", "default", "dtype", "pooling")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = typing.get_args(Settings.model_fields["dtype"].annotation)  # what --dtype accepts
 
 
 class ConfigError(ValueError):

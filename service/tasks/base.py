@@ -90,7 +90,6 @@ class Endpoint:
     decode: Callable[[Any, Any], Decoded]
     hub_answer: Callable[[list, Decoded], Any] | None = None
     encode: Callable[[list, Decoded, dict, str], Any] | None = None
-    model_field: str = "model"  # the body field naming the model
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from ...runtime import STATES
 from ..deps import RuntimeDep
 from ..schemas import Health, Readiness
 
@@ -46,7 +47,7 @@ async def metrics(runtime: RuntimeDep) -> Response:
     metrics.queue_depth.set(runtime.batcher.queued_sequences if runtime.batcher else 0)
     metrics.ready.set(1 if runtime.ready else 0)
     for name, served in runtime.models.items():
-        for state in ("loading", "compiling", "ready", "failed"):
+        for state in STATES:
             metrics.model_state.labels(name, served.task or "", state).set(1 if served.state == state else 0)
         metrics.model_programs.labels(name, "total").set(served.total)
         metrics.model_programs.labels(name, "compiled").set(served.compiled)

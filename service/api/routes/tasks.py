@@ -103,7 +103,7 @@ def _route(task: ModelTask, endpoint: Endpoint):
         _: AuthDep,
         timeout: TimeoutHeader = None,
     ):
-        served = runtime.model_for(task.name, getattr(body, endpoint.model_field, None))
+        served = runtime.model_for(task.name, body.model)
         return await answer(request, runtime, served, endpoint, body, timeout)
 
     route.__name__ = endpoint.path.strip("/").replace("-", "_").replace("/", "_")
