@@ -10,10 +10,14 @@ without waiting for the compiles in progress.
 
 A configuration the service cannot start with (see service/models.py) exits with status 2 and one line
 naming the entry and the reason, before anything loads.
+
+`albert-serve <command> ...` runs one of the SUBCOMMANDS instead of the server (each reads the same
+configuration: flags and ALBERT_* variables).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import signal
@@ -91,7 +95,17 @@ def _signal_name(sig) -> str:
         return str(sig)
 
 
+# Commands beside serving: name -> the module whose `main(argv) -> int` runs it (imported only when used).
+SUBCOMMANDS = {
+    "compile": "service.precompile",  # fill the compilation cache and bucket costs for the models, then exit
+    "batch": "service.batch.cli",  # every row of a file or dataset through one model, into Parquet
+}
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        sys.exit(importlib.import_module(SUBCOMMANDS[argv[0]]).main(argv[1:]))
     settings = load_settings(argv)
     configure_logging(settings.log_level)
     try:

@@ -6,7 +6,7 @@ The whole story of the task, in four parts:
    a Transformer module, one Pooling of any mode(s), then Dense, Normalize or Dropout modules;
    `config_sentence_transformers.json`: prompts) into an `EmbeddingConfig`, or gives a plain ALBERT
    checkpoint the pooling its model entry asks for (mean by default).
-2. The head, in JAX, runs inside the compiled program on *packed* rows (see service/engine.py): `pool`
+2. The head, in JAX, runs inside the compiled program on *packed* rows (see service/engine/): `pool`
    reduces the backbone's last hidden state [R, L, H] to one vector per sequence slot [R, K, P] with
    sentence-transformers' own formulas, `apply_head` runs the Dense layers and the Normalize module
    (their weights are arguments of the program, not constants). `embedding_fn` is the whole jitted

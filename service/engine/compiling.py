@@ -1,0 +1,131 @@
+"""Compiling: the programs a set of models wants, handed out to compile threads (at a low CPU priority in the
+background), then each new bucket timed once; and handing back the memory compiling leaves behind."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import ctypes.util
+import gc
+import os
+import threading
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import jax
+
+from .buckets import Bucket
+from .programs import ProgramSet
+
+if TYPE_CHECKING:
+    from .runner import ModelRunner
+
+
+# Niceness of the background compile threads (Linux: per thread). Requests' threads (nice 0) get about nine
+# tenths of a contested core; the lowest priority (19) would starve the grid on a machine others load too.
+BACKGROUND_NICE = 10
+
+
+def _lower_priority() -> None:
+    """Background compiles run at a low CPU priority, so requests come first."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), BACKGROUND_NICE)
+
+
+def release_memory() -> None:
+    """Hand back what compiling left behind: JAX's tracing and lowering caches (about 3.5 MB per albert-base
+    bucket; serving runs only the compiled executables, which hold their own) and the C heap's free pages
+    (XLA and LLVM leave tens of MB per compile free but resident in malloc's arenas). Call it when no
+    compile is in progress."""
+    jax.clear_caches()
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
+def compile_many(
+    work: list[tuple[ProgramSet, Any]], threads: int, stop: threading.Event | None, background: bool = False
+) -> Iterator[tuple[ProgramSet, Any, float]]:
+    """Compile each (set, key) of `work`, `threads` side by side (XLA compiles outside the GIL); yields (set,
+    key, compile seconds) for those this call compiled. Compiles are handed out `threads` at a time, so once
+    `stop` is set no new one starts (a shutdown waits for at most one compile per thread)."""
+    waiting = iter(work)
+    threads = max(1, threads)
+    with ThreadPoolExecutor(
+        threads, thread_name_prefix="compile", initializer=_lower_priority if background else None
+    ) as pool:
+        running: deque = deque()
+
+        def hand_out():
+            while len(running) < threads and not (stop is not None and stop.is_set()):
+                item = next(waiting, None)
+                if item is None:
+                    return
+                running.append((item, pool.submit(item[0].compile, item[1])))
+
+        hand_out()
+        while running:
+            (program_set, key), future = running.popleft()
+            seconds = future.result()
+            if seconds is not None:
+                yield program_set, key, seconds
+            hand_out()
+
+
+def program_label(key) -> str:
+    return str(key) if isinstance(key, Bucket) else f"vocab x{key}"
+
+
+def complete_grids(
+    runners: list[ModelRunner],
+    *,
+    threads: int = 2,
+    costs_file: Path | None = None,
+    stop: threading.Event | None = None,
+    background: bool = True,
+) -> Iterator[tuple[ProgramSet, str, float]]:
+    """Compile every program these models want that is not compiled yet, then time each bucket not measured
+    yet (one run each, one at a time) and save the times; yields (set, label, compile seconds).
+
+    Each model plans with every bucket as it lands (its cost estimated from those timed, until it is timed
+    itself). In the background (`background`) the compile threads run at a low CPU priority (the timed runs
+    at the caller's: they measure what requests will get)."""
+    work, seen = [], set()
+    for runner in runners:
+        for program_set, key in runner.programs():
+            if (id(program_set), key) not in seen:
+                seen.add((id(program_set), key))
+                work.append((program_set, key))
+    # Cheapest first (the vocabulary projections, then short rows), interleaving the sets.
+    work.sort(key=lambda item: (isinstance(item[1], Bucket), getattr(item[1], "tokens", item[1])))
+    todo = [item for item in work if item[1] not in item[0].compiled]
+    for runner in runners:
+        runner.main.load_costs(costs_file)
+        runner.warm_covering()
+    for count, (program_set, key, seconds) in enumerate(compile_many(todo, threads, stop, background), 1):
+        program_set.refresh()
+        if count % 16 == 0:
+            with contextlib.suppress(OSError, AttributeError):  # the heap only: caches may be in use
+                ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        yield program_set, program_label(key), seconds
+    release_memory()
+    if stop is not None and stop.is_set():
+        return
+    touched = []
+    for program_set, key in work:
+        if not isinstance(key, Bucket) or key in program_set.seconds or key not in program_set.compiled:
+            continue
+        if stop is not None and stop.is_set():
+            return
+        seconds = program_set.time_run(key, warm=False)  # one run, as requests will see it
+        if seconds is not None:
+            program_set.seconds[key] = seconds
+            program_set.refresh()
+            if program_set not in touched:
+                touched.append(program_set)
+    for program_set in touched:
+        program_set.save_costs(costs_file)
+    release_memory()
