@@ -117,7 +117,7 @@ def powers_of_two_up_to(limit: int, start: int = 1) -> list[int]:
 
 
 # The modules whose code the programs run (the model, these programs, the embedding program).
-_PROGRAM_SOURCES = ("model.modules", "model.layers", __name__, "service.tasks.embed")
+_PROGRAM_SOURCES = ("model.modules", "model.layers", __name__, "service.tasks.embed.pooling")
 
 
 def _source_hash() -> str:

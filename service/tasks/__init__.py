@@ -8,8 +8,9 @@ tasks.py), so adding a task is its module and one line below.
 
 from __future__ import annotations
 
-from . import classify, embed, fill_mask, ner, qa, rerank, zero_shot
+from . import classify, fill_mask, ner, qa, rerank, zero_shot
 from .base import Endpoint, ModelTask
+from .embed import dense as embed
 
 TASKS: dict[str, ModelTask] = {
     task.name: task

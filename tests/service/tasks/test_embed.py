@@ -1,7 +1,7 @@
 """The embedding task against sentence-transformers 5.x on checkpoints sentence-transformers itself saved.
 
 Our path is the one the service runs: read_embedding_config, EmbedTask.prepare, the ALBERT backbone of
-model.from_pretrained(task="base") with the pooling head of service/tasks/embed.py inside one jitted
+model.from_pretrained(task="base") with the pooling head of service/tasks/embed/pooling.py inside one jitted
 function, on rows packed by service.engine.Packer (several sequences per row) and on one sequence per row,
 then EmbedTask.finish. The reference is `SentenceTransformer(path).encode(texts)`, float32 on the CPU.
 """
@@ -21,6 +21,7 @@ from pydantic import ValidationError
 from model import from_pretrained, load_tokenizer
 from service.engine import Bucket, Packer, Plan
 from service.errors import InvalidInput, PayloadTooLarge
+from service.settings import Settings
 from service.tasks.embed import (
     POOLING_MODES,
     EmbeddingConfigError,
@@ -38,6 +39,7 @@ from service.tasks.embed import (
     prompt_lengths_for,
     read_embedding_config,
 )
+from service.tasks.embed.dense import decode_embed, decode_openai, decode_similarity
 
 TOLERANCE = 1e-5
 TEXTS = [
@@ -446,10 +448,11 @@ def test_openai_client_decodes_base64():
 
 
 def test_request_schemas():
+    settings = Settings()
     request = EmbedRequest(inputs="hello", truncation_direction="Left", prompt_name="query")
     assert request.items() == ["hello"]
-    assert request.params() == EmbedParams(True, False, "left", "query", None)
-    assert EmbedRequest(inputs=["a", "b"], normalize=False).params().normalize is False
+    assert decode_embed(request, settings).params == EmbedParams(True, False, "left", "query", None)
+    assert decode_embed(EmbedRequest(inputs=["a", "b"], normalize=False), settings).params.normalize is False
     for bad in (
         {"inputs": []},
         {"inputs": "a", "normalise": True},
@@ -458,7 +461,8 @@ def test_request_schemas():
         with pytest.raises(ValidationError):
             EmbedRequest(**bad)
     openai = OpenAIEmbeddingsRequest(input=["a", "b"], model="m", encoding_format="base64", dimensions=3)
-    assert openai.items() == ["a", "b"] and openai.params() == EmbedParams(dimensions=3)
+    assert openai.items() == ["a", "b"]
+    assert decode_openai(openai, settings).params == EmbedParams(dimensions=3)
     with pytest.raises(ValidationError):
         OpenAIEmbeddingsRequest(input="a", encoding_format="hex")
     similarity = SimilarityRequest(inputs={"source_sentence": "s", "sentences": ["a", "b"]})
@@ -478,7 +482,8 @@ def test_cosine_similarities_match_cos_sim(limited):
     # The whole /similarity story on a model.
     directory, runner = limited
     request = SimilarityRequest(inputs={"source_sentence": TEXTS[0], "sentences": TEXTS[1:]})
-    vectors = runner.embed(request.items(), request.params())
+    decoded = decode_similarity(request, Settings())
+    vectors = runner.embed(decoded.items, decoded.params)
     got = cosine_similarities(vectors[0], vectors[1:])
     st = _sentence_transformer(directory)
     reference = cos_sim(st.encode(TEXTS[0]), st.encode(TEXTS[1:]))[0].numpy()
