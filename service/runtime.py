@@ -243,7 +243,9 @@ class Runtime:
             f" ({', '.join(self.failed)})" if self.failed else "",
         )
 
-    def _load(self, served: ServedModel) -> None:
+    def _load(self, served: ServedModel, compile_covering: bool = True) -> None:
+        """Load `served` and compile its covering programs (`compile_covering`; `albert-serve compile`'s
+        background child only builds the model, to compile its grid itself)."""
         spec = served.spec
         start = time.perf_counter()
         directory = resolve_source(spec.source)
@@ -290,7 +292,10 @@ class Runtime:
             )
         # Ready once the covering programs are compiled: it can then answer any request without compiling.
         # The rest of the grid compiles in the background once every model is ready (see `_complete_grid`).
-        for label, seconds in runner.compile_covering(costs_file=self._costs_file, stop=self._stop):
+        covering = (
+            runner.compile_covering(costs_file=self._costs_file, stop=self._stop) if compile_covering else []
+        )
+        for label, seconds in covering:
             self.metrics.compile_seconds.labels(spec.name, label).set(seconds)
             log.info(
                 "%s: compiled %s in %.2fs (%d/%d)", spec.name, label, seconds, served.compiled, served.total

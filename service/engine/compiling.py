@@ -79,6 +79,19 @@ def program_label(key) -> str:
     return str(key) if isinstance(key, Bucket) else f"vocab x{key}"
 
 
+def grid_work(runners: list[ModelRunner]) -> list[tuple[ProgramSet, Any]]:
+    """Every (set, key) these models use, once each, cheapest first (the vocabulary projections, then short
+    rows), interleaving the sets: the order the grid is completed in."""
+    work, seen = [], set()
+    for runner in runners:
+        for program_set, key in runner.programs():
+            if (id(program_set), key) not in seen:
+                seen.add((id(program_set), key))
+                work.append((program_set, key))
+    work.sort(key=lambda item: (isinstance(item[1], Bucket), getattr(item[1], "tokens", item[1])))
+    return work
+
+
 def complete_grids(
     runners: list[ModelRunner],
     *,
@@ -93,14 +106,7 @@ def complete_grids(
     Each model plans with every bucket as it lands (its cost estimated from those timed, until it is timed
     itself). In the background (`background`) the compile threads run at a low CPU priority (the timed runs
     at the caller's: they measure what requests will get)."""
-    work, seen = [], set()
-    for runner in runners:
-        for program_set, key in runner.programs():
-            if (id(program_set), key) not in seen:
-                seen.add((id(program_set), key))
-                work.append((program_set, key))
-    # Cheapest first (the vocabulary projections, then short rows), interleaving the sets.
-    work.sort(key=lambda item: (isinstance(item[1], Bucket), getattr(item[1], "tokens", item[1])))
+    work = grid_work(runners)
     todo = [item for item in work if item[1] not in item[0].compiled]
     for runner in runners:
         runner.main.load_costs(costs_file)
