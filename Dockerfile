@@ -62,6 +62,22 @@ USER 10001:10001
 WORKDIR /home/albert
 EXPOSE 8000
 
+# Optional warm start: `--build-arg PRECOMPILE=true` runs `albert-serve compile` at build time, so the image
+# carries every model's compiled grid and bucket costs in /data/jax-cache (and the checkpoints, downloaded
+# at build time, in /data/huggingface): a container is ready in seconds and never compiles. The build sees
+# the same ALBERT_* variables (pass them with --build-arg, e.g. ALBERT_NER_MODEL=). Compiled CPU code is
+# specific to the CPU it was compiled on: build on the kind of machine that runs the image (elsewhere the
+# cache only misses: the server compiles, as without it).
+ARG PRECOMPILE=false
+ARG ALBERT_CLASSIFY_MODEL
+ARG ALBERT_FILL_MASK_MODEL
+ARG ALBERT_QA_MODEL
+ARG ALBERT_NER_MODEL
+ARG ALBERT_MODELS_FILE
+ARG ALBERT_DTYPE
+RUN case "$PRECOMPILE" in false) ;; true) albert-serve compile ;; \
+      *) echo "PRECOMPILE must be true or false, got '$PRECOMPILE'" >&2; exit 1 ;; esac
+
 # Healthy once every model is loaded and every bucket compiled (/ready is 200). Compiling the default grid
 # of four base-size models takes minutes on a small CPU, hence the long start period. python, not curl (the
 # slim base has no curl); written without spaces because podman's Docker API splits healthcheck arguments

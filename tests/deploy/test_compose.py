@@ -31,6 +31,11 @@ def dockerfile_env() -> dict[str, str]:
     return dict(re.findall(r"^\s*(?:ENV\s+)?([A-Z][A-Z0-9_]*)=(\S+?)\s*\\?$", text, re.MULTILINE))
 
 
+def servers(compose: dict) -> list[dict]:
+    """The services that run the server (not the one-shot `albert-serve compile`)."""
+    return [s for s in compose["services"].values() if "command" not in s]
+
+
 def environment_defaults(service: dict) -> dict[str, str]:
     defaults = {}
     for name, value in service["environment"].items():
@@ -70,7 +75,7 @@ def test_healthcheck_is_the_images_and_waits_for_ready(compose):
         r"^HEALTHCHECK .*?CMD (\[[^\n]*\])$", (ROOT / "Dockerfile").read_text(), re.MULTILINE | re.DOTALL
     )
     assert image_check
-    for service in compose["services"].values():
+    for service in servers(compose):
         test = service["healthcheck"]["test"]
         assert test == ["CMD", *json.loads(image_check.group(1))]
         assert "/ready" in test[-1]
@@ -79,7 +84,7 @@ def test_healthcheck_is_the_images_and_waits_for_ready(compose):
 
 
 def test_ports_are_published(compose):
-    for service in compose["services"].values():
+    for service in servers(compose):
         assert any(str(p).endswith(":" + dockerfile_env()["ALBERT_PORT"]) for p in service["ports"])
 
 
@@ -96,5 +101,21 @@ def test_gpu_profile_reserves_the_gpu_with_the_cuda_image(compose):
 def test_dockerfile_accepts_exactly_the_accelerators_compose_uses(compose):
     accepted = re.search(r'case "\$ACCELERATOR" in ([\w|]+)\)', (ROOT / "Dockerfile").read_text())
     assert accepted
-    used = {s["build"]["args"]["ACCELERATOR"] for s in compose["services"].values()}
+    used = {s["build"]["args"]["ACCELERATOR"] for s in servers(compose)}
     assert used == set(accepted.group(1).split("|"))
+
+
+def test_a_one_shot_service_fills_the_compilation_cache_volume(compose):
+    server, compile_ = compose["services"]["albert-serve"], compose["services"]["albert-serve-compile"]
+    assert compile_["command"] == ["albert-serve", "compile"]
+    assert compile_["restart"] == "no" and compile_["healthcheck"] == {"disable": True}
+    assert compile_["profiles"] == ["compile"]  # `docker compose up` alone is unchanged
+    # The server's settings, image and volumes (the anchor), so it compiles what the server will load.
+    assert compile_["environment"] == server["environment"] and compile_["volumes"] == server["volumes"]
+    assert compile_["image"] == server["image"]
+
+
+def test_the_dockerfile_can_compile_at_build_time():
+    text = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG PRECOMPILE=false$", text, re.MULTILINE)
+    assert "true) albert-serve compile" in text

@@ -168,3 +168,19 @@ def test_grace_period_outlasts_the_drain():
     )
     pre_stop = container()["lifecycle"]["preStop"]["sleep"]["seconds"]
     assert pod["terminationGracePeriodSeconds"] > drain + pre_stop
+
+
+def test_an_init_container_fills_the_shared_compilation_cache_with_the_servers_settings():
+    pod = one("Deployment")["spec"]["template"]["spec"]
+    (init,) = pod["initContainers"]
+    server = container()
+    assert init["command"] == ["albert-serve", "compile"]
+    assert init["image"] == server["image"]
+    # The same settings (so the same programs), and the same cache volumes at the same paths.
+    assert init["envFrom"] == server["envFrom"] and init["env"] == server["env"]
+    init_mounts = {m["mountPath"]: m["name"] for m in init["volumeMounts"]}
+    server_mounts = {m["mountPath"]: m["name"] for m in server["volumeMounts"]}
+    cache = container_env()["ALBERT_COMPILATION_CACHE_DIR"]
+    assert init_mounts[cache] == server_mounts[cache]
+    assert init_mounts[container_env()["HF_HOME"]] == server_mounts[container_env()["HF_HOME"]]
+    assert init["securityContext"]["readOnlyRootFilesystem"] is True and "/tmp" in init_mounts
