@@ -24,7 +24,14 @@ class _CompileCounter:
         self._lock = threading.Lock()
         self.compilations = 0
         self.seconds = 0.0
+        self.cache_misses = 0  # programs compiled for real: not found in the persistent compilation cache
         jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+        jax.monitoring.register_event_listener(self._on_event)
+
+    def _on_event(self, event: str, **kwargs) -> None:
+        if event == "/jax/compilation_cache/cache_misses":
+            with self._lock:
+                self.cache_misses += 1
 
     def _on_duration(self, event: str, seconds: float, **kwargs) -> None:
         if event == self.BACKEND_COMPILE:

@@ -23,7 +23,8 @@ import model as albert
 from model.hub import resolve_source
 
 from .batching import Batcher
-from .engine import ModelRunner, bucket_grid, complete_grids, release_memory
+from .engine import ModelRunner, bucket_grid, complete_grids, program_sets, release_memory
+from .engine.compiling import background_loader
 from .errors import (
     EndpointDisabled,
     InvalidInput,
@@ -32,7 +33,8 @@ from .errors import (
     NotReady,
     ServiceError,
 )
-from .metrics import Metrics
+from .grid_child import GridChild
+from .metrics import COMPILES, Metrics
 from .models import ConfigError, ModelSpec, configured_models, task_of_checkpoint
 from .settings import MODEL_FIELDS, Settings
 from .tasks import TASKS
@@ -138,6 +140,8 @@ class Runtime:
     _background: bool = True
     _grid_thread: threading.Thread | None = None
     _grid_done: threading.Event = field(default_factory=threading.Event)
+    _grid_child: GridChild | None = None  # the background grid compiler, while it runs (see grid_child.py)
+    _misses_at_ready: int = 0  # persistent-cache misses (real compiles) in this process when start-up ended
     _tokenizers: dict = field(default_factory=dict)  # files' digest -> tokenizer (see `_tokenizer`)
     _tokenizers_lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -185,9 +189,11 @@ class Runtime:
     def stop_start_up(self) -> None:
         """No new model loads and no new program compiles from now on (a shutdown during start-up)."""
         self._stop.set()
+        self._stop_grid_child()
 
     def stop(self) -> None:
         self._stop.set()
+        self._stop_grid_child()
         if self.batcher is not None:
             self.batcher.stop()
         if self._grid_thread is not None:  # no new compile starts; one in progress ends within a second or so
@@ -230,6 +236,7 @@ class Runtime:
         release_memory()
         gc.freeze()
         if self._background:
+            self._misses_at_ready = COMPILES.cache_misses
             self._grid_thread = threading.Thread(target=self._complete_grid, name="grid", daemon=True)
             self._grid_thread.start()
         self._settled.set()
@@ -349,8 +356,10 @@ class Runtime:
                 for program_set in (m.grid.main, m.grid.vocab):
                     if program_set is not None:
                         users.setdefault(id(program_set), []).append(name)
-        count = 0
+        count = loaded = 0
         try:
+            if self._background and self._costs_file is not None:
+                loaded = self._grid_from_child()
             for program_set, label, seconds in complete_grids(
                 runners, costs_file=self._costs_file, stop=self._stop, background=self._background
             ):
@@ -372,11 +381,56 @@ class Runtime:
         # end of start-up (complete_grids has just collected).
         gc.freeze()
         log.info(
-            "grid complete in %.1fs: %d program(s) compiled in the background, %d model(s)",
+            "grid complete in %.1fs: %d program(s) loaded from the background compiler, %d compiled here, "
+            "%d model(s); %d compile(s) in this process since ready",
             time.perf_counter() - begin,
+            loaded,
             count,
             len(runners),
+            COMPILES.cache_misses - self._misses_at_ready,
         )
+
+    def _grid_from_child(self) -> int:
+        """Have a child process compile the rest of the grid into the persistent cache at the lowest priority
+        (service/grid_child.py), and load each program from the cache as it lands; the number loaded. If the
+        child fails, what it did not deliver is compiled here (complete_grids, after this)."""
+        try:
+            child = GridChild(self.settings)
+        except OSError as exc:
+            log.warning("could not start the background grid compiler (%s); compiling in this process", exc)
+            return 0
+        self._grid_child = child
+        if self._stop.is_set():  # a shutdown between the check and the start
+            self._stop_grid_child()
+            return 0
+        log.info("grid: compiling the rest in a background process (pid %d)", child.pid)
+        sets = {program_set.label: program_set for program_set in program_sets()}
+        loaded = 0
+        with background_loader() as load:
+            for label, key in child.programs():
+                if self._stop.is_set():
+                    break
+                program_set = sets.get(label)
+                if program_set is None or key in program_set.compiled:
+                    continue
+                load(program_set, key)  # a read of the persistent cache, not a compile
+                program_set.refresh()
+                loaded += 1
+        status = child.wait()
+        self._grid_child = None
+        if status != 0 and not self._stop.is_set():
+            log.warning(
+                "the background grid compiler exited with status %d after %d program(s); compiling the rest "
+                "in this process",
+                status,
+                loaded,
+            )
+        return loaded
+
+    def _stop_grid_child(self) -> None:
+        child = self._grid_child
+        if child is not None:
+            child.stop()
 
     # -- what the routes need -------------------------------------------------------------------------------
 

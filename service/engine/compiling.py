@@ -10,7 +10,7 @@ import gc
 import os
 import threading
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +44,14 @@ def release_memory() -> None:
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+
+
+@contextlib.contextmanager
+def background_loader() -> Iterator[Callable[[ProgramSet, Any], None]]:
+    """load(set, key): compile `key` (a persistent-cache read, when the background compiler put it there) on a
+    thread at the background priority, and wait for it."""
+    with ThreadPoolExecutor(1, thread_name_prefix="load", initializer=_lower_priority) as pool:
+        yield lambda program_set, key: pool.submit(program_set.compile, key).result()
 
 
 def compile_many(
