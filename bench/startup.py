@@ -1,10 +1,13 @@
-"""Start-up benchmark: `python -m bench.startup`.
+"""Start-up benchmark: `python -m bench.startup` (run it under `flock /tmp/albert-bench.lock`).
 
 For each case, starts `python -m service` on albert-base-shaped random checkpoints with an empty compilation
 cache, and measures the time to /ready, the time until every model's whole grid is compiled and timed (from
 GET /models; a server without progressive readiness has its grid complete when it is ready) and resident
-memory (VmRSS of the process) at both points; then stops it and starts it again on the now warm cache and
-measures the same. Cases:
+memory (VmRSS of the server and of its children: the background grid compiler) at both points; with
+`--load` (the default), /classify at c=16 (requests/s, p99) and c=1 (p50, p99) in the first window after
+ready (the grid still compiling) and again once the grid is complete. Then it starts again on the now warm
+cache (`warm`), and on a fresh cache filled by `albert-serve compile` first (`compiled`, its time as
+`compile_s`), and measures the same. Cases:
 
   endpoints   the four endpoint models (ALBERT_<TASK>_MODEL)
   sixteen     those four plus eight classifiers with 2 to 8 labels, two NER and two QA (ALBERT_MODELS_FILE)
@@ -17,6 +20,7 @@ are printed and written as JSON to bench/results/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -29,8 +33,10 @@ import time
 from pathlib import Path
 
 import httpx
+import psutil
 
-from . import checkpoint
+from . import checkpoint, texts
+from .load import run_load
 
 ROOT = Path(__file__).resolve().parent
 CACHE = ROOT / ".cache"
@@ -62,6 +68,33 @@ def build_models() -> dict[str, tuple[str, Path]]:
     return models
 
 
+def tree_rss_mb(pid: int) -> float:
+    """VmRSS of `pid` and of its children (the background grid compiler), in MB."""
+    total = rss_mb(pid)[0]
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += child.memory_info().rss / 2**20
+    return total
+
+
+WINDOW_S = 10.0  # each load's measured seconds (after 1 s of warm-up)
+
+
+def measure_load(url: str, prefix: str) -> dict:
+    """/classify at c=16 and c=1, WINDOW_S each."""
+    bodies = texts.requests("classify", 512, seed=7)
+    tokens = [0] * len(bodies)
+    out = {}
+    for concurrency in (16, 1):
+        r = run_load(url, "classify", bodies, tokens, concurrency, duration=WINDOW_S, warmup=1.0)
+        tag = f"{prefix}_c{concurrency}"
+        out[f"{tag}_rps"] = r.requests_per_s
+        out[f"{tag}_p50_ms"] = r.percentile(50) * 1000
+        out[f"{tag}_p99_ms"] = r.percentile(99) * 1000
+        out[f"{tag}_errors"] = {k: v for k, v in r.statuses.items() if k != 200}
+    return out
+
+
 def rss_mb(pid: int) -> tuple[float, float]:
     """(VmRSS, VmHWM) of `pid` in MB."""
     values = {}
@@ -86,7 +119,9 @@ def grid_state(url: str) -> tuple[bool, int, int]:
     return done, compiled, total
 
 
-def one_start(tree: Path, env: dict[str, str], log: Path, port: int, timeout: float = 1800) -> dict:
+def one_start(
+    tree: Path, env: dict[str, str], log: Path, port: int, timeout: float = 1800, load: bool = False
+) -> dict:
     full = {
         **os.environ,
         **env,
@@ -111,11 +146,15 @@ def one_start(tree: Path, env: dict[str, str], log: Path, port: int, timeout: fl
                     if httpx.get(url + "/ready", timeout=5).status_code == 200:
                         result["ready_s"] = time.monotonic() - start
                         result["rss_ready_mb"] = rss_mb(process.pid)[0]
+                        result["rss_ready_with_child_mb"] = tree_rss_mb(process.pid)
                         done, compiled, total = grid_state(url)
                         result["programs_at_ready"] = f"{compiled}/{total}"
                 except httpx.TransportError:
                     pass
                 time.sleep(0.1)
+            if load:
+                result.update(measure_load(url, "window"))
+                result["programs_after_window"] = "{1}/{2}".format(*grid_state(url))
             while True:
                 done, compiled, total = grid_state(url)
                 if done:
@@ -126,7 +165,10 @@ def one_start(tree: Path, env: dict[str, str], log: Path, port: int, timeout: fl
                 time.sleep(0.5)
             time.sleep(2.0)  # let allocations settle
             result["rss_grid_mb"], result["peak_rss_mb"] = rss_mb(process.pid)
+            result["rss_grid_with_child_mb"] = tree_rss_mb(process.pid)
             result["programs"] = total
+            if load:
+                result.update(measure_load(url, "steady"))
         finally:
             process.send_signal(signal.SIGTERM)
             try:
@@ -136,7 +178,22 @@ def one_start(tree: Path, env: dict[str, str], log: Path, port: int, timeout: fl
     return result
 
 
-def run_case(tree: Path, case: str, models: dict, logs: Path, port: int) -> dict:
+def precompile(tree: Path, env: dict[str, str], log: Path) -> float:
+    """`albert-serve compile` with these settings; its seconds."""
+    full = {**os.environ, **env, "PYTHONPATH": str(tree)}
+    start = time.monotonic()
+    with open(log, "wb") as out:
+        done = subprocess.run(
+            [sys.executable, "-m", "service", "compile"], cwd=tree, env=full, stdout=out, stderr=out
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"albert-serve compile exited {done.returncode}:\n{log.read_text()[-3000:]}")
+    return time.monotonic() - start
+
+
+def run_case(
+    tree: Path, case: str, models: dict, logs: Path, port: int, starts: list[str], load: bool
+) -> dict:
     env = {"ALBERT_LOG_LEVEL": "info", "HF_HUB_OFFLINE": "1", "ALBERT_MODELS_FILE": "", "ALBERT_MODELS": ""}
     env.update(dict.fromkeys(ENDPOINT_VARS.values(), ""))
     if case == "endpoints":
@@ -154,15 +211,25 @@ def run_case(tree: Path, case: str, models: dict, logs: Path, port: int) -> dict
         env["ALBERT_MODELS_FILE"] = str(models_file)
     jax_cache = Path(tempfile.mkdtemp(prefix="albert-startup-jax-"))
     env["ALBERT_COMPILATION_CACHE_DIR"] = str(jax_cache)
+    results = {}
+    tag = f"{tree.name}-{case}"
     try:
-        tag = f"{tree.name}-{case}"
-        cold = one_start(tree, env, logs / f"{tag}-cold.log", port)
-        print(f"  {tree.name} {case} cold: {json.dumps(cold)}", flush=True)
-        warm = one_start(tree, env, logs / f"{tag}-warm.log", port)
-        print(f"  {tree.name} {case} warm: {json.dumps(warm)}", flush=True)
+        for kind in starts:
+            if kind == "compiled":  # a fresh cache, filled by `albert-serve compile` first
+                shutil.rmtree(jax_cache, ignore_errors=True)
+                jax_cache.mkdir()
+                compile_s = precompile(tree, env, logs / f"{tag}-compile.log")
+            elif kind == "cold":
+                shutil.rmtree(jax_cache, ignore_errors=True)
+                jax_cache.mkdir()
+            result = one_start(tree, env, logs / f"{tag}-{kind}.log", port, load=load)
+            if kind == "compiled":
+                result["compile_s"] = compile_s
+            results[kind] = result
+            print(f"  {tree.name} {case} {kind}: {json.dumps(result)}", flush=True)
     finally:
         shutil.rmtree(jax_cache, ignore_errors=True)
-    return {"cold": cold, "warm": warm}
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -172,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tree", action="append", default=[], help="checkouts to run (default: this one)")
     parser.add_argument("--cases", default="endpoints,sixteen")
     parser.add_argument("--port", type=int, default=8713)
+    parser.add_argument("--starts", default="cold,warm,compiled", help="cold, warm (after cold), compiled")
+    parser.add_argument("--no-load", dest="load", action="store_false", help="no /classify load windows")
     args = parser.parse_args(argv)
+    starts = [s for s in args.starts.split(",") if s]
     trees = [Path(t).resolve() for t in args.tree] or [ROOT.parent]
     cases = [c for c in args.cases.split(",") if c]
     print("building the albert-base-shaped checkpoints (cached in bench/.cache) ...", flush=True)
@@ -194,10 +264,15 @@ def main(argv: list[str] | None = None) -> int:
         for case in cases:
             if case != "endpoints" and not knows_files:
                 continue
-            results.setdefault(str(tree), {})[case] = run_case(tree, case, models, logs, args.port)
+            results.setdefault(str(tree), {})[case] = run_case(
+                tree, case, models, logs, args.port, starts, args.load and case == "endpoints"
+            )
     results["machine"]["load_after"] = os.getloadavg()
     print()
-    print("| tree | case | start | ready s | full grid s | RSS at ready MB | RSS full grid MB | peak MB |")
+    print(
+        "| tree | case | start | ready s | full grid s | RSS at ready MB (+child) | RSS full grid MB (+child) "
+        "| peak MB |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for tree, by_case in results.items():
         if tree == "machine":
@@ -206,8 +281,24 @@ def main(argv: list[str] | None = None) -> int:
             for kind, r in starts.items():
                 print(
                     f"| {Path(tree).name} | {case} | {kind} | {r['ready_s']:.1f} | {r['grid_s']:.1f} | "
-                    f"{r['rss_ready_mb']:.0f} | {r['rss_grid_mb']:.0f} | {r['peak_rss_mb']:.0f} |"
+                    f"{r['rss_ready_mb']:.0f} ({r.get('rss_ready_with_child_mb', 0):.0f}) | "
+                    f"{r['rss_grid_mb']:.0f} ({r.get('rss_grid_with_child_mb', 0):.0f}) | {r['peak_rss_mb']:.0f} |"
                 )
+    print()
+    print("| case | start | phase | c=16 req/s | c=16 p99 ms | c=1 p50 ms | c=1 p99 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for tree, by_case in results.items():
+        if tree == "machine":
+            continue
+        for case, starts_ in by_case.items():
+            for kind, r in starts_.items():
+                for phase in ("window", "steady"):
+                    if f"{phase}_c16_rps" in r:
+                        print(
+                            f"| {case} | {kind} | {phase} | {r[f'{phase}_c16_rps']:.2f} | "
+                            f"{r[f'{phase}_c16_p99_ms']:.0f} | {r[f'{phase}_c1_p50_ms']:.0f} | "
+                            f"{r[f'{phase}_c1_p99_ms']:.0f} |"
+                        )
     out = ROOT / "results" / f"startup-{time.strftime('%Y%m%d-%H%M%S')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
