@@ -61,6 +61,12 @@ def configured_models(settings: Settings) -> list[ModelSpec]:
     return _checked(entries)
 
 
+def spec_for_source(name: str, source: str, task: str | None, settings: Settings, origin: str) -> ModelSpec:
+    """One model given by its source (a local directory or a hub id) rather than by configuration, checked as
+    a configured one is."""
+    return _checked([ModelSpec(name, source, task, True, settings.dtype, origin)])[0]
+
+
 def _from_file(path: Path, settings: Settings) -> list[ModelSpec]:
     try:
         document = tomllib.loads(path.read_text(encoding="utf-8"))

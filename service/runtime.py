@@ -126,6 +126,8 @@ class ServedModel:
 @dataclass
 class Runtime:
     settings: Settings
+    # The models to serve; None: the configured ones (`configured_models(settings)`). A batch job serves one.
+    specs: list[ModelSpec] | None = None
     metrics: Metrics = field(default_factory=Metrics)
     models: dict[str, ServedModel] = field(default_factory=dict)
     runners: dict[str, ModelRunner] = field(default_factory=dict)  # name -> runner, ready models only
@@ -147,7 +149,7 @@ class Runtime:
 
     def __post_init__(self):
         # Raises ConfigError naming the entry: nothing has loaded or compiled yet.
-        specs = configured_models(self.settings)
+        specs = self.specs if self.specs is not None else configured_models(self.settings)
         self.models = {spec.name: ServedModel(spec, spec.task) for spec in specs}
         self.batcher = Batcher(
             {},
