@@ -16,9 +16,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,6 +61,8 @@ def parse_key(text: str):
 
 class GridChild:
     def __init__(self, settings: Settings):
+        # Where the child leaves each serialized executable for the server to load (removed in `stop`).
+        self.directory = Path(tempfile.mkdtemp(prefix="albert-serve-grid-"))
         self.process = subprocess.Popen(
             [
                 sys.executable,
@@ -68,6 +72,8 @@ class GridChild:
                 "--report-programs",
                 "--parent-pid",
                 str(os.getpid()),
+                "--programs-dir",
+                str(self.directory),
             ],
             env=settings_environment(settings),
             stdin=subprocess.DEVNULL,
@@ -82,14 +88,14 @@ class GridChild:
         with contextlib.suppress(AttributeError, OSError):
             os.sched_setscheduler(self.pid, os.SCHED_IDLE, os.sched_param(0))
 
-    def programs(self) -> Iterator[tuple[str, object]]:
-        """(program set label, key) for each program in the cache, as the child reports it; ends when the
-        child exits."""
+    def programs(self) -> Iterator[tuple[str, object, Path | None]]:
+        """(program set label, key, its serialized executable or None) for each program in the cache, as the
+        child reports it; ends when the child exits."""
         for line in self.process.stdout:
             parts = line.split()
-            if len(parts) == 3 and parts[0] == PROGRAM_LINE:
+            if len(parts) in (3, 4) and parts[0] == PROGRAM_LINE:
                 with contextlib.suppress(ValueError):
-                    yield parts[1], parse_key(parts[2])
+                    yield parts[1], parse_key(parts[2]), Path(parts[3]) if len(parts) == 4 else None
 
     def wait(self) -> int:
         return self.process.wait()
@@ -107,3 +113,4 @@ class GridChild:
                 self.process.wait()
         with contextlib.suppress(OSError):
             self.process.stdout.close()
+        shutil.rmtree(self.directory, ignore_errors=True)

@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     extra = argparse.ArgumentParser(prog="albert-serve compile", add_help=False)
     extra.add_argument("--report-programs", action="store_true", help=argparse.SUPPRESS)
     extra.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
+    extra.add_argument("--programs-dir", default="", help=argparse.SUPPRESS)
     own, rest = extra.parse_known_args(sys.argv[1:] if argv is None else list(argv))
     if own.report_programs:
         _as_background_child(own.parent_pid)
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"albert-serve compile: configuration error: {exc}", file=sys.stderr)
         return 2
     if own.report_programs:
-        return _report_programs(runtime)
+        return _report_programs(runtime, own.programs_dir)
     begin = time.perf_counter()
     runtime.start(background=False)  # every model's whole grid, compiled and timed, the costs saved
     runtime.batcher.stop()
@@ -96,9 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _report_programs(runtime) -> int:
+def _report_programs(runtime, programs_dir: str) -> int:
     """The server's background child: compile (or find in the cache) every program of every model, cheapest
-    first as the server would, one line on stdout for each as it is in the cache."""
+    first as the server would, one line on stdout for each as it is in the cache: "program <set label>
+    <key> [<file>]", the file (in `programs_dir`) holding the serialized executable, which the server loads
+    without tracing or lowering anything."""
+    import pickle
+    from pathlib import Path
+
+    from jax.experimental.serialize_executable import serialize
+
     from .engine.compiling import compile_many, grid_work
     from .runtime import configure_compilation_cache
 
@@ -119,5 +127,15 @@ def _report_programs(runtime) -> int:
         for _set, _key, _seconds in compile_many([(program_set, key)], 1, None):
             pass
         label = f"{key.rows}x{key.length}" if hasattr(key, "rows") else str(key)
-        print(f"{PROGRAM_LINE} {program_set.label} {label}", flush=True)
+        line = f"{PROGRAM_LINE} {program_set.label} {label}"
+        if programs_dir:
+            try:
+                path = Path(programs_dir) / f"{program_set.label.replace(':', '-')}-{label}.pkl"
+                partial = path.with_suffix(".tmp")
+                partial.write_bytes(pickle.dumps(serialize(program_set.compiled[key])))
+                partial.replace(path)
+                line += f" {path}"
+            except Exception as exc:  # the server reads it from the compilation cache instead
+                log.warning("could not serialize %s %s: %s", program_set.label, label, exc)
+        print(line, flush=True)
     return 0

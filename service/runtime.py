@@ -409,16 +409,17 @@ class Runtime:
         sets = {program_set.label: program_set for program_set in program_sets()}
         loaded = 0
         with background_loader() as load:
-            for label, key in child.programs():
+            for label, key, path in child.programs():
                 if self._stop.is_set():
                     break
                 program_set = sets.get(label)
                 if program_set is None or key in program_set.compiled:
                     continue
-                load(program_set, key)  # a read of the persistent cache, not a compile
+                load(program_set, key, path)  # no compile: the serialized executable, or the cache
                 program_set.refresh()
                 loaded += 1
         status = child.wait()
+        child.stop()  # removes its files
         self._grid_child = None
         if status != 0 and not self._stop.is_set():
             log.warning(

@@ -69,14 +69,23 @@ def bucket_grid(
 
 
 def covering_buckets(grid: list[Bucket]) -> list[Bucket]:
-    """The few buckets that let a model answer any request without compiling: one row of the maximum length
-    (every sequence fits), one short row (a lone short request pays little padding) and the biggest
-    multi-row bucket (several requests share a pass under load). The rest of the grid only makes batches
-    cheaper, and compiles in the background."""
+    """The buckets compiled before a model is ready: with them it answers any request without compiling, and
+    at close to its full speed while the rest of the grid compiles in the background. One row of the maximum
+    length (every sequence fits), one of 64 and one of 128 tokens (a lone request pays little padding), and
+    multi-row buckets of about 256, 512 and 1024 tokens besides the biggest (under load, packed batches of
+    every size find a bucket they mostly fill: with the biggest alone, a batch of 300 tokens paid for 2048).
+    Among equal sizes rows of about 128 tokens: long enough to pack short requests with little waste at the
+    row ends, short enough that attention stays cheap."""
     fewest = min(b.rows for b in grid)
     singles = sorted(b for b in grid if b.rows == fewest)
-    cover = {singles[-1], next((b for b in singles if b.length >= 64), singles[0])}
+    cover = {singles[-1]}
+    for length in (64, 128):
+        cover.add(next((b for b in singles if b.length >= length), singles[0]))
     multi = [b for b in grid if b.rows > fewest]
     if multi:
         cover.add(min(multi, key=lambda b: (-b.tokens, b.length)))
+        for tokens in (256, 512, 1024):
+            fitting = [b for b in multi if b.tokens >= tokens]
+            if fitting:
+                cover.add(min(fitting, key=lambda b: (b.tokens, abs(b.length - 128))))
     return sorted(cover)

@@ -7,6 +7,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import gc
+import logging
 import os
 import threading
 from collections import deque
@@ -19,6 +20,8 @@ import jax
 
 from .buckets import Bucket
 from .programs import ProgramSet
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from .runner import ModelRunner
@@ -47,11 +50,24 @@ def release_memory() -> None:
 
 
 @contextlib.contextmanager
-def background_loader() -> Iterator[Callable[[ProgramSet, Any], None]]:
-    """load(set, key): compile `key` (a persistent-cache read, when the background compiler put it there) on a
-    thread at the background priority, and wait for it."""
+def background_loader() -> Iterator[Callable[[ProgramSet, Any, Path | None], None]]:
+    """load(set, key, file): load `key`'s executable from the file the background compiler serialized it to
+    (or, without one or if that fails, compile it: a persistent-cache read, as the compiler put it there), on
+    a thread at the background priority, and wait for it."""
+
+    def load(program_set: ProgramSet, key, path: Path | None) -> None:
+        if path is not None:
+            try:
+                program_set.load_serialized(key, path)
+                return
+            except Exception as exc:  # e.g. an executable this process cannot load: the cache has it too
+                log.warning(
+                    "could not load %s %s from %s (%s); reading the cache", program_set.label, key, path, exc
+                )
+        program_set.compile(key)
+
     with ThreadPoolExecutor(1, thread_name_prefix="load", initializer=_lower_priority) as pool:
-        yield lambda program_set, key: pool.submit(program_set.compile, key).result()
+        yield lambda program_set, key, path: pool.submit(load, program_set, key, path).result()
 
 
 def compile_many(

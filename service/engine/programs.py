@@ -8,6 +8,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import json
+import pickle
 import threading
 import time
 import weakref
@@ -184,6 +185,24 @@ class ProgramSet:
             with self._lock:
                 self._pending.pop(key, None)
             event.set()
+
+    def load_serialized(self, key, path: Path) -> bool:
+        """Take `key`'s executable from a file the background grid compiler wrote (jax's serialize_executable:
+        no tracing, no lowering, a ~30 ms read instead of ~0.3 s of Python holding the GIL); False if it is
+        compiled already."""
+        from jax.experimental.serialize_executable import deserialize_and_load
+
+        with self._lock:
+            if key in self.compiled or key in self._pending:
+                return False
+        payload, in_tree, out_tree = pickle.loads(path.read_bytes())
+        executable = deserialize_and_load(payload, in_tree, out_tree)
+        with self._lock:
+            if key in self.compiled:
+                return False
+            self.compiled[key] = executable
+            self.compiles += 1
+        return True
 
     def params(self):
         """Some model's parameters, to time a run with."""

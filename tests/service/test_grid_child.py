@@ -24,7 +24,7 @@ GRID = {
     "classify_model": "",
     "fill_mask_model": "",
     "qa_model": "",
-    "seq_buckets": [16, 32],
+    "seq_buckets": [16, 32, 48],
     "batch_seq_buckets": [64],
     "batch_buckets": [1, 2],
     "max_batch_tokens": 128,
@@ -95,6 +95,8 @@ def test_the_grid_lands_from_the_child_and_nothing_compiles_in_the_server_after_
     assert compiled_here == 0
     assert compiles_since_ready == 0  # every program the child made was a cache read here
     assert _wait_gone(child)  # the child exits once the grid is in the cache
+    # Each came as the child's serialized executable (no tracing here), none from the fallback paths.
+    assert "could not" not in server.log()
     assert server.terminate(HANG_S) == 0
 
 
