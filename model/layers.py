@@ -50,21 +50,53 @@ ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
 }
 
 
-def dense(config: AlbertConfig, features: int, dtype, name: str | None = None) -> nn.Dense:
-    return nn.Dense(
-        features,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=nn.initializers.normal(config.initializer_range),
-        name=name,
+def accumulation(dtype) -> jnp.dtype | None:
+    """The `preferred_element_type` of a matmul computing in `dtype`: float32 for half precision (the only
+    bfloat16 path XLA's CPU backend runs fast, bf16 x bf16 -> f32, and no precision lost in the sums); None
+    (the operands' own type) for float32, whose programs stay exactly what they were."""
+    return None if jnp.dtype(dtype) == jnp.float32 else jnp.float32
+
+
+def einsum(equation: str, *operands: Array, dtype) -> Array:
+    """`jnp.einsum` with the operands in the compute dtype and the result accumulated in float32."""
+    return jnp.einsum(
+        equation, *(x.astype(dtype) for x in operands), preferred_element_type=accumulation(dtype)
     )
 
 
+class Dense(nn.Module):
+    """`nn.Dense` (same parameters, `kernel` [in, out] and `bias`) whose matmul takes its operands in `dtype`
+    and returns float32 accumulated in float32; the bias is added in float32. In float32 it computes exactly
+    what nn.Dense does."""
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+    use_bias: bool = True
+    kernel_init: Callable = nn.initializers.lecun_normal()
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        y = jax.lax.dot_general(
+            x.astype(self.dtype),
+            kernel.astype(self.dtype),
+            (((x.ndim - 1,), (0,)), ((), ())),
+            preferred_element_type=accumulation(self.dtype),
+        )
+        if self.use_bias:
+            y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+        return y
+
+
+def dense(config: AlbertConfig, features: int, dtype, name: str | None = None) -> Dense:
+    return Dense(features, dtype, kernel_init=nn.initializers.normal(config.initializer_range), name=name)
+
+
 class LayerNorm(nn.Module):
-    """PyTorch's LayerNorm: exact variance, given epsilon, computed in float32, returned in `dtype`."""
+    """PyTorch's LayerNorm: exact variance, given epsilon, computed and returned in float32 (the residual
+    stream stays float32 in every compute dtype; matmuls cast their operands)."""
 
     epsilon: float
-    dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
@@ -76,7 +108,7 @@ class LayerNorm(nn.Module):
         centered = x - mean
         variance = jnp.mean(jnp.square(centered), axis=-1, keepdims=True)
         y = centered * jax.lax.rsqrt(variance + self.epsilon) * scale + bias
-        return y.astype(self.dtype)
+        return y
 
 
 class AlbertEmbeddings(nn.Module):
@@ -102,13 +134,13 @@ class AlbertEmbeddings(nn.Module):
                 name="position_embeddings",
             )
             embeddings = embeddings + position(position_ids)
-        embeddings = LayerNorm(cfg.layer_norm_eps, self.dtype, name="LayerNorm")(embeddings)
+        embeddings = LayerNorm(cfg.layer_norm_eps, name="LayerNorm")(embeddings)
         return nn.Dropout(cfg.hidden_dropout_prob)(embeddings, deterministic=deterministic)
 
     def attend(self, hidden: Array) -> Array:
         """Project onto the vocabulary with the (tied) word embeddings: [..., E] -> [..., V]."""
         embedding = self.variables["params"]["word_embeddings"]["embedding"]  # [V, E]
-        return jnp.einsum("...e,ve->...v", hidden, embedding.astype(self.dtype))
+        return einsum("...e,ve->...v", hidden, embedding, dtype=self.dtype)
 
 
 class AlbertSelfAttention(nn.Module):
@@ -143,7 +175,7 @@ class AlbertSelfAttention(nn.Module):
 
         query = project("query", queries_in)  # [B, Q, N, D]
         key, value = project("key", hidden), project("value", hidden)  # [B, L, N, D]
-        scores = jnp.einsum("bqnd,bknd->bnqk", query, key).astype(jnp.float32)  # [B, N, Q, L]
+        scores = einsum("bqnd,bknd->bnqk", query, key, dtype=self.dtype)  # [B, N, Q, L]
         scores = scores / math.sqrt(head_dim)
         if cfg.position_embedding_type != "absolute":
             # Added after the scaling, unscaled, as transformers does.
@@ -151,11 +183,11 @@ class AlbertSelfAttention(nn.Module):
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = nn.Dropout(cfg.attention_probs_dropout_prob)(probs, deterministic=deterministic)
-        context = jnp.einsum("bnqk,bknd->bqnd", probs.astype(self.dtype), value)  # [B, Q, N, D]
+        context = einsum("bnqk,bknd->bqnd", probs, value, dtype=self.dtype)  # [B, Q, N, D]
         context = context.reshape(batch, queries_in.shape[1], cfg.hidden_size)
         projected = dense(cfg, cfg.hidden_size, self.dtype, "dense")(context)
         projected = nn.Dropout(cfg.hidden_dropout_prob)(projected, deterministic=deterministic)
-        return LayerNorm(cfg.layer_norm_eps, self.dtype, name="LayerNorm")(queries_in + projected)
+        return LayerNorm(cfg.layer_norm_eps, name="LayerNorm")(queries_in + projected)
 
     def _relative_scores(self, query: Array, key: Array, query_positions: Array | None) -> Array:
         """relative_key / relative_key_query terms (Shaw et al.), as transformers' eager attention.
@@ -178,13 +210,11 @@ class AlbertSelfAttention(nn.Module):
         else:
             distance = query_positions[:, :, None] - keys  # [B, Q, L]: each row has its own queries
             equation = "bqkd"
-        table = distance_embedding(distance + cfg.max_position_embeddings - 1).astype(
-            self.dtype
-        )  # [(B,) Q, L, D]
-        scores = jnp.einsum(f"bqnd,{equation}->bnqk", query, table)
+        table = distance_embedding(distance + cfg.max_position_embeddings - 1)  # [(B,) Q, L, D]
+        scores = einsum(f"bqnd,{equation}->bnqk", query, table, dtype=self.dtype)
         if cfg.position_embedding_type == "relative_key_query":
-            scores = scores + jnp.einsum(f"bknd,{equation}->bnqk", key, table)
-        return scores.astype(jnp.float32)
+            scores = scores + einsum(f"bknd,{equation}->bnqk", key, table, dtype=self.dtype)
+        return scores
 
 
 class AlbertLayer(nn.Module):
@@ -204,4 +234,4 @@ class AlbertLayer(nn.Module):
         ffn = ACTIVATIONS[cfg.hidden_act](ffn)
         ffn = dense(cfg, cfg.hidden_size, self.dtype, "ffn_output")(ffn)  # [B, L|K, H]
         ffn = nn.Dropout(cfg.hidden_dropout_prob)(ffn, deterministic=deterministic)
-        return LayerNorm(cfg.layer_norm_eps, self.dtype, name="full_layer_layer_norm")(ffn + attended)
+        return LayerNorm(cfg.layer_norm_eps, name="full_layer_layer_norm")(ffn + attended)

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import AlbertConfig
-from .layers import ACTIVATIONS, AlbertEmbeddings, AlbertLayer, LayerNorm, dense
+from .layers import ACTIVATIONS, AlbertEmbeddings, AlbertLayer, Dense, LayerNorm, dense
 
 Array = jax.Array
 
@@ -194,9 +194,9 @@ class AlbertMLMHead(nn.Module):
     def setup(self):
         cfg = self.config
         self.dense = dense(cfg, cfg.embedding_size, self.dtype)
-        self.LayerNorm = LayerNorm(cfg.layer_norm_eps, self.dtype)
+        self.LayerNorm = LayerNorm(cfg.layer_norm_eps)
         if not cfg.tie_word_embeddings:
-            self.decoder = nn.Dense(cfg.vocab_size, dtype=self.dtype, param_dtype=jnp.float32, use_bias=False)
+            self.decoder = Dense(cfg.vocab_size, self.dtype, use_bias=False)
         self.bias = self.param("bias", nn.initializers.zeros, (cfg.vocab_size,), jnp.float32)
 
     def transform(self, hidden: Array) -> Array:

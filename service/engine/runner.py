@@ -78,7 +78,7 @@ class ModelRunner:
         common = (backbone_signature(cfg), dtype, scan, devices_key)
         self._head: dict[str, np.ndarray] = {}
         if self.program == "embed":
-            self.params = embedding_params(params, embedding)
+            self.params = embedding_params(params, embedding, model.dtype)
             key = (
                 "embed",
                 *common,

@@ -17,6 +17,7 @@ import pytest
 import torch
 from builders import TASK_CLASSES, build_torch_model, save_checkpoint, tiny_config
 from flax.traverse_util import flatten_dict
+from hlo import compiled_dots
 
 from model import from_pretrained
 
@@ -218,29 +219,39 @@ def test_half_precision(make_repo, task, dtype_name):
     assert max(diffs.values()) > 1e-5, diffs
 
 
-@pytest.mark.parametrize("dtype_name", list(HALF_DTYPES))
+@pytest.mark.parametrize("dtype_name", ["float32", *HALF_DTYPES])
 def test_half_precision_compute_graph(make_repo, dtype_name):
-    """Every matmul runs in the compute dtype, every exp (softmax) and rsqrt (LayerNorm) in float32.
+    """Every matmul takes its operands in the compute dtype and accumulates in float32 (bf16 x bf16 -> f32,
+    the path XLA's CPU backend runs fast); every exp (softmax) and rsqrt (LayerNorm) runs in float32.
 
-    Read from the lowered program: at these sizes a half-precision softmax could not be told apart by
-    its values, and weights rounded to half would pass the value checks even if the compute were float32.
+    Read from the lowered program and from the program XLA compiled (which could still upcast the dots):
+    at these sizes a half-precision softmax could not be told apart by its values, and weights rounded to
+    half would pass the value checks even if the compute were float32. float32 is the control: all f32.
     """
-    dtype, _ = HALF_DTYPES[dtype_name]
     directory, torch_model = make_repo("pretraining", **BASE_LAYOUT)
     model = load(directory, dtype=dtype_name)
     batch = batch_for("pretraining", torch_model.config.vocab_size)
     inputs = {name: jnp.asarray(value, jnp.int32) for name, value in batch.items()}
-    program = jax.jit(lambda params: model.module.apply({"params": params}, **inputs)).lower(model.params)
-    text = program.as_text()  # StableHLO
+    lowered = jax.jit(lambda params: model.module.apply({"params": params}, **inputs)).lower(model.params)
+    text = lowered.as_text()  # StableHLO
+    half = {"float32": "f32", "bfloat16": "bf16", "float16": "f16"}[dtype_name]
 
-    def element_types(op: str) -> list[set[str]]:
+    def signatures(op: str) -> list[tuple[str, ...]]:
         lines = [line for line in text.splitlines() if f"stablehlo.{op} " in line]
-        return [set(re.findall(r"tensor<(?:[^>]*x)?(\w+)>", line)) for line in lines]
+        return [tuple(re.findall(r"tensor<(?:[^>]*x)?(\w+)>", line.split(" : ")[-1])) for line in lines]
 
-    half = {jnp.bfloat16: "bf16", jnp.float16: "f16"}[dtype]
-    for op, expected in (("dot_general", half), ("exponential", "f32"), ("rsqrt", "f32")):
-        found = element_types(op)
-        assert found and all(types == {expected} for types in found), (op, found)
+    # embedding projection, Q, K, V, scores, context, output, FFN in/out, pooler, MLM dense and decoder, SOP
+    dots = signatures("dot_general")
+    assert len(dots) >= 13 and all(types == (half, half, "f32") for types in dots), dots
+    for op in ("exponential", "rsqrt"):
+        found = signatures(op)
+        assert found and all(set(types) == {"f32"} for types in found), (op, found)
+    if dtype_name == "float16":
+        return  # XLA's CPU backend computes float16 dots in float32; the fast float16 path is on GPUs
+    compiled = compiled_dots(lowered.compile().as_text())
+    # XLA may upcast a dot too narrow to gain (the 2-label SOP head, [B, 2]); every wider one stays bf16.
+    wide = [dot[:3] for dot in compiled if dot[3] > 2]
+    assert len(wide) >= 12 and all(types == (half, half, "f32") for types in wide), compiled
 
 
 def test_float16_layer_norm_survives_large_activations(make_repo, tmp_path):

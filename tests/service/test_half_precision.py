@@ -96,6 +96,23 @@ def _scores(answer) -> list[float]:
     return []
 
 
+def _admit_boundary_ties(ours, full, wide, tie: float):
+    """`full` with each top-k candidate list replaced by the candidates `ours` chose, read from `wide` (the
+    float32 answer with a larger top_k), where the two lists differ only by candidates tied within `tie`
+    with float32's k-th score: at a tie on the boundary either candidate is a correct k-th answer."""
+    if isinstance(full, list) and full and all(isinstance(c, dict) and "token" in c for c in full):
+        kth = full[-1]["score"]
+        chosen = {c["token"] for c in ours}
+        by_token = {c["token"]: c for c in wide}
+        swapped = chosen ^ {c["token"] for c in full}
+        if swapped and all(t in by_token and abs(by_token[t]["score"] - kth) <= tie for t in swapped):
+            return [c for c in wide if c["token"] in chosen]
+        return full
+    if isinstance(full, list):
+        return [_admit_boundary_ties(a, b, c, tie) for a, b, c in zip(ours, full, wide, strict=True)]
+    return full
+
+
 def _kernels(params) -> dict:
     return {p: v for p, v in flatten_dict(params).items() if p[-1] in ("kernel", "embedding")}
 
@@ -138,9 +155,13 @@ def test_answers_differ_from_float32_within_tolerance_with_the_same_labels_and_s
     tolerance = SCORE_TOLERANCE[dtype_name]
     print(f"{dtype_name} {endpoint}: max |score diff| {diff:.3g} (tolerance {tolerance:.3g})")
     assert diff > MORE_THAN_ROUNDING, f"{dtype_name} answers equal float32's: half precision was not used"
+    reference = full.json()
+    if endpoint == "fill-mask":  # random tiny models: the 5th and 6th tokens may tie within the tolerance
+        wide = client.post(path, json={**body, "parameters": {"top_k": 10}}).json()
+        reference = _admit_boundary_ties(ours.json(), reference, wide, tolerance)
     # Everything else (labels, tokens, sequences, spans, offsets, entity words) equal; scores within the
     # tolerance; candidates whose float32 scores are tied within it may come in either order.
-    assert_matches_pipeline(ours.json(), full.json(), atol=tolerance, tie=tolerance)
+    assert_matches_pipeline(ours.json(), reference, atol=tolerance, tie=tolerance)
 
 
 def test_served_outputs_are_half_precision_values(half, runtime):

@@ -149,28 +149,34 @@ def head_params(config: EmbeddingConfig) -> list[dict[str, np.ndarray]]:
 
 def apply_head(params: list[dict[str, Array]], pooled: Array, *, config: EmbeddingConfig) -> Array:
     """The modules after pooling, in order: Dense (activation(x @ kernel + bias)) and Normalize. [..., P] ->
-    [..., D]; `params` as head_params returns them."""
+    [..., D] float32; `params` as embedding_params returns them. A float32 kernel multiplies in full float32;
+    a half-precision one takes its input in that dtype, accumulating in float32 (as the backbone's matmuls
+    do); bias, activation and Normalize run in float32."""
     x = pooled.astype(jnp.float32)
     dense = iter(params)
     for step in config.steps:
         if isinstance(step, DenseLayer):
             layer = next(dense)
-            x = ACTIVATIONS[step.activation](
-                jnp.matmul(x, layer["kernel"], precision=_HIGHEST) + layer["bias"]
-            )
+            kernel = layer["kernel"]
+            if kernel.dtype == jnp.float32:
+                product = jnp.matmul(x, kernel, precision=_HIGHEST)
+            else:
+                product = jnp.matmul(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+            x = ACTIVATIONS[step.activation](product + layer["bias"])
         else:
             norm = jnp.sqrt(jnp.sum(x * x, axis=-1, keepdims=True))
             x = x / jnp.maximum(norm, NORMALIZE_EPS)
     return x
 
 
-def embedding_params(model_params: dict, config: EmbeddingConfig) -> dict:
+def embedding_params(model_params: dict, config: EmbeddingConfig, dtype=jnp.float32) -> dict:
     """The one parameter tree `embedding_fn` takes: the backbone's (as from_pretrained loaded them) and the
-    head's."""
-    return {
-        "model": model_params,
-        "head": [jax.tree_util.tree_map(jnp.asarray, p) for p in head_params(config)],
-    }
+    head's, its kernels in the model's compute `dtype` (biases float32)."""
+    head = [
+        {"kernel": jnp.asarray(p["kernel"], dtype), "bias": jnp.asarray(p["bias"])}
+        for p in head_params(config)
+    ]
+    return {"model": model_params, "head": head}
 
 
 def embedding_fn(module, config: EmbeddingConfig):

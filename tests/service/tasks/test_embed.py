@@ -13,9 +13,11 @@ import json
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from embed_builders import build_backbone, build_sentence_transformer, write_json
+from hlo import compiled_dots
 from pydantic import ValidationError
 
 from model import from_pretrained, load_tokenizer
@@ -79,14 +81,14 @@ def st_repo(tmp_path_factory, backbone):
 class Ours:
     """The service's path for one checkpoint directory."""
 
-    def __init__(self, directory):
+    def __init__(self, directory, dtype: str = "float32"):
         self.config = read_embedding_config(directory)
-        self.model = from_pretrained(self.config.backbone_dir, task="base", dtype="float32")
+        self.model = from_pretrained(self.config.backbone_dir, task="base", dtype=dtype)
         self.tokenizer = load_tokenizer(self.config.backbone_dir)
         cfg = self.model.config
         self.task = EmbedTask(self.tokenizer, self.config, cfg.max_position_embeddings, cfg.hidden_size)
         self.fn = jax.jit(embedding_fn(self.model.module, self.config))
-        self.params = embedding_params(self.model.params, self.config)
+        self.params = embedding_params(self.model.params, self.config, self.model.dtype)
 
     def run(self, sequences, plan=None):
         buckets = PACKED_BUCKETS if plan is None else [plan.bucket]
@@ -199,6 +201,32 @@ def test_dense_normalize_and_default_prompt(st_repo, ours):
     _check(runner, directory, TEXTS, prompt_name="passage")
     vectors = runner.embed(TEXTS, EmbedParams(normalize=False))
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-6)  # the Normalize module
+
+
+def test_bfloat16_embeddings_within_cosine_0_999_with_bf16_dots(st_repo):
+    """--dtype bfloat16: the backbone and the Dense head multiply bf16 x bf16 -> f32 (read from the compiled
+    program), and the embeddings stay within cosine 0.999 of sentence-transformers' float32 ones, while
+    differing by more than float32 could (so bfloat16 was really used)."""
+    directory = st_repo("dense-normalize-bf16", pooling_mode="mean", dense=[(13, "Tanh", True)])
+    runner = Ours(directory, dtype="bfloat16")
+    assert all(layer["kernel"].dtype == jnp.bfloat16 for layer in runner.params["head"])
+    reference = _reference(directory, TEXTS)
+    got = runner.embed(TEXTS, EmbedParams(normalize=False, truncate=True))
+    cosine = np.sum(got * reference, axis=1) / np.linalg.norm(got, axis=1) / np.linalg.norm(reference, axis=1)
+    print(
+        f"bfloat16 embeddings: min cosine to float32 {cosine.min():.6f}, max |diff| "
+        f"{np.abs(got - reference).max():.3g}"
+    )
+    assert cosine.min() >= 0.999, cosine
+    assert np.abs(got - reference).max() > 1e-5
+    sequences = runner.task.prepare(TEXTS, EmbedParams()).model_inputs
+    batch = Packer(PACKED_BUCKETS, 0.0).pack(sequences)
+    args = (batch.input_ids, batch.token_type_ids, batch.position_ids, batch.segment_ids, batch.first_tokens)
+    hlo = runner.fn.lower(runner.params, *args, prompt_lengths_for(batch, sequences)).compile().as_text()
+    dots = compiled_dots(hlo)
+    head = [d for d in dots if d[3] == 13]  # the Dense head [.., 13]
+    assert head and all(d[:3] == ("bf16", "bf16", "f32") for d in head), dots
+    assert sum(d[:3] == ("bf16", "bf16", "f32") for d in dots) >= 8, dots
 
 
 def test_dense_activations(st_repo, ours):
