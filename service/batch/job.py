@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from ..models import ModelSpec
 from .answering import Columns, answer_columns
-from .sources import Source, SourceError
+from .sources import Source, SourceError, python_rows
 
 log = logging.getLogger("albert_serve.batch")
 
@@ -107,7 +107,9 @@ class JobPlan:
                     "job's); use another OUTPUT, or remove it to start over"
                 )
         elif self.output.exists() and any(self.output.iterdir()):
-            raise JobRefused(f"{self.output} is not empty and is not a batch job's output; use another OUTPUT")
+            raise JobRefused(
+                f"{self.output} is not empty and is not a batch job's output; use another OUTPUT"
+            )
         self.output.mkdir(parents=True, exist_ok=True)
         for partial in self.output.glob(".*.tmp"):  # a write the last run did not finish
             partial.unlink()
@@ -209,8 +211,8 @@ def _duration(seconds: float) -> str:
 
 async def run_chunks(plan: JobPlan, answerer, progress: Progress) -> None:
     """Answer and write every chunk not finished yet, in order, `_CHUNKS_AHEAD` at once."""
-    chunks = plan.source.tables(plan.chunk_rows)
     needed = plan.columns.needed(plan.task)
+    chunks = plan.source.tables(plan.chunk_rows, needed)
     pending: deque = deque()
     index = 0
 
@@ -231,7 +233,7 @@ async def run_chunks(plan: JobPlan, answerer, progress: Progress) -> None:
             if (plan.output / part_name(index)).exists():
                 progress.chunk(index, table.num_rows, 0, skipped=True)
             else:
-                rows = table.select(needed).to_pylist()
+                rows = python_rows(table, needed)
                 pending.append((index, table, asyncio.ensure_future(answerer.answer(rows))))
                 if len(pending) >= _CHUNKS_AHEAD:
                     await write_oldest()

@@ -8,15 +8,20 @@ that is what lets a stopped job resume from its finished chunks.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.csv as pacsv
 import pyarrow.dataset as ds
 
 FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 HF_PREFIX = "hf://datasets/"
+JSON_COLUMNS = (
+    "albert_serve.json_columns"  # table metadata: columns holding JSON text (see _mixed_json_lines)
+)
 _FINGERPRINT_BYTES = 1 << 20  # of each file's head and tail, with its size: cheap for any size of input
 
 
@@ -53,9 +58,13 @@ class Source:
             files.append({"name": path.name, "bytes": size, "sha256": digest.hexdigest()})
         return {"path": str(Path(self.location).resolve()), "format": self.format, "files": files}
 
-    def tables(self, chunk_rows: int) -> Iterator[pa.Table]:
-        """The rows in order, `chunk_rows` at a time (the last chunk may be shorter)."""
-        batches = self._dataset_batches(chunk_rows) if self.is_dataset else self._file_batches(chunk_rows)
+    def tables(self, chunk_rows: int, text_columns: Sequence[str] = ()) -> Iterator[pa.Table]:
+        """The rows in order, `chunk_rows` at a time (the last chunk may be shorter). A CSV file's
+        `text_columns` are read as text whatever they look like (a column of numbers is still text)."""
+        if self.is_dataset:
+            batches = self._dataset_batches(chunk_rows)
+        else:
+            batches = self._file_batches(chunk_rows, text_columns)
         pending: list[pa.RecordBatch] = []
         count = 0
         for batch in batches:
@@ -79,13 +88,24 @@ class Source:
     def _arrow_dataset(self) -> ds.Dataset:
         return ds.dataset([str(path) for path in self.files], format=self.format)
 
-    def _file_batches(self, chunk_rows: int) -> Iterator[pa.RecordBatch]:
+    def _file_batches(self, chunk_rows: int, text_columns: Sequence[str]) -> Iterator[pa.RecordBatch]:
         # One file at a time, in order: Arrow's dataset scanner may reorder batches across files.
+        file_format = self.format
+        if self.format == "csv":
+            file_format = ds.CsvFileFormat(
+                convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in text_columns})
+            )
         for path in self.files:
             try:
-                scanner = ds.dataset(str(path), format=self.format).scanner(batch_size=chunk_rows)
+                scanner = ds.dataset(str(path), format=file_format).scanner(batch_size=chunk_rows)
                 yield from scanner.to_batches()
-            except (pa.ArrowInvalid, OSError) as exc:
+            except pa.ArrowInvalid as exc:
+                if self.format != "json" or "changed from" not in str(exc):
+                    raise SourceError(f"{path}: cannot be read as {self.format} ({exc})") from None
+                # A column whose values are of several types (a number among the texts): Arrow cannot type
+                # it, but the rows are still rows; the odd values become their rows' errors, not the job's.
+                yield from _mixed_json_lines(path).to_batches(max_chunksize=chunk_rows)
+            except OSError as exc:
                 raise SourceError(f"{path}: cannot be read as {self.format} ({exc})") from None
 
     def _dataset_batches(self, chunk_rows: int) -> Iterator[pa.RecordBatch]:
@@ -97,6 +117,43 @@ class Source:
         except Exception as exc:  # datasets raises many kinds (missing, offline, bad split)
             raise SourceError(f"{self.location}: cannot load split {self.split!r} ({exc})") from None
         yield from dataset.data.table.to_batches(max_chunksize=chunk_rows)
+
+
+def _mixed_json_lines(path: Path) -> pa.Table:
+    """A JSON-lines file with columns of mixed types, read whole: each such column holds every value as its
+    JSON text, and the table's metadata names those columns (`python_rows` gives the values back)."""
+    records = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except ValueError as exc:
+                    raise SourceError(f"{path}, line {number}: not JSON ({exc})") from None
+                if not isinstance(record, dict):
+                    raise SourceError(f"{path}, line {number}: not a JSON object")
+                records.append(record)
+    names = list(dict.fromkeys(name for record in records for name in record))
+    arrays, encoded = [], []
+    for name in names:
+        values = [record.get(name) for record in records]
+        try:
+            arrays.append(pa.array(values))
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            arrays.append(pa.array([None if v is None else json.dumps(v) for v in values], type=pa.string()))
+            encoded.append(name)
+    return pa.table(arrays, names=names, metadata={JSON_COLUMNS: json.dumps(encoded)})
+
+
+def python_rows(table: pa.Table, columns: Sequence[str]) -> list[dict]:
+    """`columns` of each row as Python values (those a mixed-type JSON column holds as text decoded)."""
+    rows = table.select(list(columns)).to_pylist()
+    encoded = json.loads((table.schema.metadata or {}).get(JSON_COLUMNS.encode(), b"[]"))
+    for name in set(encoded) & set(columns):
+        for row in rows:
+            if row[name] is not None:
+                row[name] = json.loads(row[name])
+    return rows
 
 
 def open_source(location: str, split: str = "train") -> Source:
