@@ -70,7 +70,7 @@ def test_embed_from_every_format_equals_the_endpoint(tmp_path, name, batch_flags
     assert table.schema.field("embedding").type == pa.list_(pa.float32())
     expected = endpoints.post("/embed", json={"inputs": TEXTS, "model": "embed"}).json()
     got = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
-    np.testing.assert_array_equal(got, np.array(expected * 2, dtype=np.float32))
+    np.testing.assert_allclose(got, np.array(expected * 2, dtype=np.float32), rtol=1e-5, atol=1e-6)
     assert table.column("error").null_count == 10
 
 
@@ -149,7 +149,9 @@ def test_bad_rows_get_an_error_and_the_others_their_answers(tmp_path, batch_flag
     assert all("expected a string" in errors[i] for i in (2, 3, 4)), errors
     for i in answered:
         expected = endpoints.post("/embed", json={"inputs": [values[i]], "model": "embed"}).json()[0]
-        np.testing.assert_array_equal(np.float32(table[i]["embedding"]), np.float32(expected))
+        np.testing.assert_allclose(
+            np.float32(table[i]["embedding"]), np.float32(expected), rtol=1e-5, atol=1e-6
+        )
         assert all(table[j]["embedding"] is None for j in range(len(values)) if j not in answered)
     # The endpoint refuses the empty and the over-long text too.
     assert endpoints.post("/embed", json={"inputs": values[1], "model": "embed"}).status_code == 422
