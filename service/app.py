@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .api import oip
 from .api.routes import models, ops, pages, tasks
 from .errors import ServiceError
+from .repository import ModelRepository
 from .runtime import Runtime
 from .settings import Settings
 from .tasks import endpoints
@@ -264,6 +265,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, start_runt
     app.include_router(ops.router)
     app.include_router(pages.router)
     app.include_router(oip.router)
+    ModelRepository.of(runtime)  # its load/unload counters are on /metrics from the start
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 
 from ..errors import PayloadTooLarge, ServiceError
 from ..inference import Timings, infer
+from ..repository import ModelRepository
 from ..runtime import Runtime, ServedModel
 from ..tasks import TASKS
 from .deps import AuthDep, RuntimeDep
@@ -482,3 +483,44 @@ async def model_version_infer(
     name: str, version: str, request: Request, runtime: RuntimeDep, _: AuthDep
 ) -> Response:
     return await _infer(request, runtime, name, version)
+
+
+# --- Model repository (Triton's model repository extension) ----------------------------------------------
+
+CONTROL_RESPONSES = _errors(400, 401, 404)
+
+
+@router.post(
+    "/repository/index",
+    summary="Every model of the model repository: name, state (READY, LOADING, UNLOADING, UNAVAILABLE), reason.",
+    responses=_errors(401),
+)
+async def repository_index(request: Request, runtime: RuntimeDep, _: AuthDep) -> list[dict]:
+    rows = ModelRepository.of(runtime).index()
+    try:
+        body = json.loads(await request.body() or b"{}")
+    except ValueError:
+        body = {}
+    if isinstance(body, dict) and body.get("ready") is True:
+        rows = [row for row in rows if row["state"] == "READY"]
+    return rows
+
+
+@router.post(
+    "/repository/models/{name}/load",
+    summary="Load (or reload) a model of the repository; answers once it is ready (explicit mode only).",
+    responses=CONTROL_RESPONSES,
+)
+async def repository_load(name: str, runtime: RuntimeDep, _: AuthDep) -> dict:
+    await ModelRepository.of(runtime).load(name)
+    return {}
+
+
+@router.post(
+    "/repository/models/{name}/unload",
+    summary="Unload a model loaded from the repository: new requests 404, those accepted are answered.",
+    responses=CONTROL_RESPONSES,
+)
+async def repository_unload(name: str, runtime: RuntimeDep, _: AuthDep) -> dict:
+    await ModelRepository.of(runtime).unload(name)
+    return {}
