@@ -232,3 +232,23 @@ def test_load_reload_unload_under_load(control):
     assert set(outcomes["wide"]) <= {200, 404}, outcomes
     assert outcomes["wide"][200] > 0 and outcomes["wide"][404] > 0, outcomes
     assert json.loads(json.dumps(index(control)["wide"]))["state"] == "UNAVAILABLE"
+
+
+def test_mode_none_serves_the_whole_repository_from_start_up(repository):
+    from service.models import configured_models
+
+    settings = Settings(model_repository=str(repository), compilation_cache_dir="")
+    with pytest.raises(ControlRefused, match="outside the model repository"):  # the symlink out is refused
+        configured_models(settings)
+    (repository / "escape").rename(repository.parent / f"{repository.name}-escape-link")
+    try:
+        specs = {spec.name: spec for spec in configured_models(settings)}
+    finally:
+        (repository.parent / f"{repository.name}-escape-link").rename(repository / "escape")
+    # No public default checkpoint is added: the repository is the configuration.
+    assert set(specs) == {"sst2", "sst3", "wide", "broken"}
+    assert specs["sst2"].task == "classify" and specs["sst2"].source == str((repository / "sst2").resolve())
+    explicit = Settings(
+        model_repository=str(repository), model_control_mode="explicit", compilation_cache_dir=""
+    )
+    assert configured_models(explicit) == []
