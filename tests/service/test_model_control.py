@@ -96,6 +96,7 @@ def test_routes_need_the_key(control):
         "/v2/repository/index",
         "/v2/repository/models/sst2/load",
         "/v2/repository/models/sst2/unload",
+        "/v2/models/ner/infer",
     ]:
         response = httpx.post(control.url + path, timeout=30)
         assert response.status_code == 401, (path, response.text)
