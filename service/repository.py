@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import gc
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from pathlib import Path
 import tomllib
 from prometheus_client import Counter
 
+from .engine import complete_grids
 from .errors import ModelNotFound, ServiceError
 from .models import DTYPES, NAME, ConfigError, ModelSpec, _checked
 from .runtime import STATES, Runtime, ServedModel, _describe_failure
@@ -117,6 +119,7 @@ class ModelRepository:
         self.runtime = runtime
         self.settings = runtime.settings
         self.entries: dict[str, Entry] = {}
+        self._grid_lock = threading.Lock()
         self.loaded: set[str] = set()  # names put in service by a load (the ones unload may take away)
         self.operations = Counter(
             "albert_model_control_total",
@@ -199,6 +202,7 @@ class ModelRepository:
             self.loaded.add(name)
             entry.state, entry.reason = "READY", ""
             self.operations.labels("load", "ok").inc()
+            self._complete_grid_later(served)
             log.info(
                 "model control: %s ready (%s) in %.2fs, %d/%d programs compiled",
                 name,
@@ -207,6 +211,24 @@ class ModelRepository:
                 served.compiled,
                 served.total,
             )
+
+    def _complete_grid_later(self, served: ServedModel) -> None:
+        """Compile the rest of a loaded model's bucket grid in the background, at low priority, as start-up
+        does for the configured models (it serves from its covering programs meanwhile); one at a time."""
+
+        def complete() -> None:
+            with self._grid_lock:
+                if self.runtime._stop.is_set() or self.runtime.models.get(served.name) is not served:
+                    return
+                try:
+                    for _ in complete_grids(
+                        [served.grid], costs_file=self.runtime._costs_file, stop=self.runtime._stop
+                    ):
+                        pass
+                except Exception:  # the model keeps serving with what has landed
+                    log.exception("model control: compiling the rest of %s's grid failed", served.name)
+
+        threading.Thread(target=complete, name=f"grid-{served.name}", daemon=True).start()
 
     def _build(self, name: str, path: Path) -> tuple[ServedModel, object]:
         spec = _checked([_spec(self.settings, name, path)])[0]
