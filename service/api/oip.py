@@ -26,7 +26,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from ..errors import PayloadTooLarge, ServiceError
+from ..errors import ModelNotFound, PayloadTooLarge, ServiceError
 from ..inference import Timings, infer
 from ..repository import ModelRepository
 from ..runtime import Runtime, ServedModel
@@ -107,8 +107,6 @@ def _outputs_of(runtime: Runtime, served: ServedModel) -> list[dict]:
 
 def _check_version(name: str, version: str | None) -> None:
     if version is not None and version != VERSION:
-        from ..errors import ModelNotFound
-
         raise ModelNotFound(f"model {name!r} has no version {version!r}; its only version is {VERSION!r}")
 
 
