@@ -5,10 +5,12 @@ load, and loads and unloads while other clients keep calling (none of their requ
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import threading
 import time
+import weakref
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -132,7 +134,11 @@ def test_load_serves_everywhere_and_unload_removes(control, pipelines):
     assert 'albert_model_state{model="sst2",state="ready",task="classify"} 1.0' in metrics
     assert 'albert_model_control_total{operation="load",outcome="ok"}' in metrics
 
+    wait_for_grid(control, "sst2")
+    runner = weakref.ref(control.runtime.models["sst2"].runner)
     client.unload_model("sst2", headers=auth())
+    gc.collect()
+    assert runner() is None, "the unloaded model's runner (its weights) is still referenced"
     assert index(control)["sst2"]["state"] == "UNAVAILABLE"
     assert index(control)["sst2"]["reason"] == "unloaded"
     response = httpx.post(
