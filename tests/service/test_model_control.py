@@ -270,3 +270,26 @@ def test_mode_none_serves_the_whole_repository_from_start_up(repository):
         model_repository=str(repository), model_control_mode="explicit", compilation_cache_dir=""
     )
     assert configured_models(explicit) == []
+
+
+def test_loads_and_unloads_racing_from_many_clients(control):
+    """Loads and unloads of one name from many clients at once: each is done whole, one after the other (a
+    load 200; an unload 200, or 404 when the name is not loaded at its turn); the end state is consistent."""
+
+    def churn(seed: int) -> list[int]:
+        statuses = []
+        with httpx.Client(base_url=control.url, headers=auth(), timeout=120) as http:
+            for step in range(3):
+                operation = "load" if (seed + step) % 2 == 0 else "unload"
+                statuses.append(http.post(f"/v2/repository/models/sst3/{operation}").status_code)
+        return statuses
+
+    with ThreadPoolExecutor(6) as pool:
+        statuses = [s for result in pool.map(churn, range(6)) for s in result]
+    assert set(statuses) <= {200, 404} and 200 in statuses, statuses
+    loaded = "sst3" in control.runtime.models
+    assert index(control)["sst3"]["state"] == ("READY" if loaded else "UNAVAILABLE")
+    assert ("sst3" in control.runtime.batcher.runners) == loaded == ("sst3" in control.runtime.tasks)
+    if loaded:
+        assert classify_oip(control, "sst3").shape == (len(TEXTS), len(control.runtime.models["sst3"].labels))
+        control.client.unload_model("sst3", headers=auth())
