@@ -52,10 +52,14 @@ def configured_models(settings: Settings) -> list[ModelSpec]:
     if settings.models:
         entries += _from_short_form(settings.models, settings)
     if settings.model_repository:  # every checkpoint of the repository in mode none; none of them in explicit
-        from .repository import repository_specs
+        from .repository import repository_names, repository_specs
 
         if settings.model_control_mode == "none":
             entries += repository_specs(settings)
+        else:
+            repository_names(
+                settings
+            )  # a directory that is not there fails at start-up, not at the first load
     configured_endpoints = {endpoint: getattr(settings, field) for endpoint, field in MODEL_FIELDS.items()}
     nothing_configured = (
         not entries

@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.engine import program_sets
+from service.models import ConfigError
 from service.repository import ControlRefused, repository_path
 from service.runtime import Runtime
 from service.settings import Settings
@@ -270,6 +271,9 @@ def test_mode_none_serves_the_whole_repository_from_start_up(repository):
         model_repository=str(repository), model_control_mode="explicit", compilation_cache_dir=""
     )
     assert configured_models(explicit) == []
+    missing = Settings(model_repository=str(repository / "nowhere"), model_control_mode="explicit")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        configured_models(missing)
 
 
 def test_loads_and_unloads_racing_from_many_clients(control):
