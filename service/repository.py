@@ -190,6 +190,7 @@ class ModelRepository:
             log.info("model control: loading %s from %s", name, path)
             try:
                 served, handler = await asyncio.to_thread(self._build, name, path)
+                self._check_default(served)
             except Exception as exc:
                 entry.state = "READY" if name in self.runtime.models else "UNAVAILABLE"
                 entry.reason = f"load failed: {exc}" if not isinstance(exc, ServiceError) else exc.message
@@ -229,6 +230,17 @@ class ModelRepository:
                     log.exception("model control: compiling the rest of %s's grid failed", served.name)
 
         threading.Thread(target=complete, name=f"grid-{served.name}", daemon=True).start()
+
+    def _check_default(self, served: ServedModel) -> None:
+        """A model marked `default` may not take the place of another model's default of its task."""
+        if not served.spec.default:
+            return
+        for other in self.runtime.models.values():
+            if other.name != served.name and other.task == served.task and other.spec.default:
+                raise LoadFailed(
+                    f"{MANIFEST} says default = true, but {other.name!r} is already the default of task "
+                    f"{served.task}"
+                )
 
     def _build(self, name: str, path: Path) -> tuple[ServedModel, object]:
         spec = _checked([_spec(self.settings, name, path)])[0]

@@ -53,6 +53,8 @@ def repository(tmp_path_factory, service_repos, make_repo):
     (root / "broken").mkdir()
     (root / "broken" / "config.json").write_text("{not json")
     (root / "broken" / "albert-serve.toml").write_text('task = "classify"\n')
+    shutil.copytree(service_repos["ner"][0], root / "tagger2")
+    (root / "tagger2" / "albert-serve.toml").write_text("default = true\n")  # the configured `ner` is default
     outside = tmp_path_factory.mktemp("outside")
     shutil.copytree(classifier, outside / "model")
     (root / "escape").symlink_to(outside / "model")
@@ -204,6 +206,9 @@ def test_failing_load_is_reported_and_the_server_keeps_serving(control):
     row = index(control)["broken"]
     assert row["state"] == "UNAVAILABLE" and "config.json" in row["reason"]
     assert "broken" not in control.runtime.models
+    with pytest.raises(InferenceServerException, match="'ner' is already the default of task ner"):
+        control.client.load_model("tagger2", headers=auth())
+    assert "tagger2" not in control.runtime.models and index(control)["tagger2"]["state"] == "UNAVAILABLE"
     response = httpx.post(control.url + "/ner", json={"inputs": "Paris is nice."}, headers=auth(), timeout=30)
     assert response.status_code == 200, response.text
     assert httpx.get(control.url + "/v2/health/ready").status_code == 200
@@ -265,7 +270,7 @@ def test_mode_none_serves_the_whole_repository_from_start_up(repository):
     finally:
         (repository.parent / f"{repository.name}-escape-link").rename(repository / "escape")
     # No public default checkpoint is added: the repository is the configuration.
-    assert set(specs) == {"sst2", "sst3", "wide", "broken"}
+    assert set(specs) == {"sst2", "sst3", "wide", "broken", "tagger2"}
     assert specs["sst2"].task == "classify" and specs["sst2"].source == str((repository / "sst2").resolve())
     explicit = Settings(
         model_repository=str(repository), model_control_mode="explicit", compilation_cache_dir=""
