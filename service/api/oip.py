@@ -6,7 +6,8 @@ model's task endpoint (for `qa`, the JSON object {"question", "context"}). The r
 than the protocol's own, are the endpoint's: a field of its body (`normalize`, `truncate` for embed) or its
 `parameters` (`top_k`, `aggregation_strategy`, `candidate_labels`...). Outputs: embed -> `embedding`
 (FP32 [n, dim]); classify -> `scores` (FP32 [n, labels], label-id order) and `label` (BYTES [n]); any other
-task -> `answer` (BYTES [n], the endpoint's JSON answer for each input).
+task -> `answer` (BYTES [n], the endpoint's JSON answer for each input). For `rerank` each `text` element
+is a whole /rerank body's JSON ({"query", "texts"}), and its `answer` that body's ranking.
 
 Binary tensor extension: requests may carry any input as raw bytes after the JSON part (the length of the
 JSON part in `Inference-Header-Content-Length`; a BYTES element is a 4-byte little-endian length and its
@@ -31,6 +32,7 @@ from ..inference import Timings, infer
 from ..repository import ModelRepository
 from ..runtime import Runtime, ServedModel
 from ..tasks import TASKS
+from ..tasks.base import Decoded
 from .deps import AuthDep, RuntimeDep
 from .schemas import ErrorBody
 
@@ -48,7 +50,9 @@ PROTOCOL_PARAMETERS = {
 }
 # Tasks whose endpoint input is an object: each `text` element is its JSON.
 OBJECT_INPUTS = {"qa"}
-UNSUPPORTED = {"rerank": "POST /rerank (one query against many texts has no one-answer-per-text tensor form)"}
+# Tasks whose endpoint takes one input per request: each `text` element is a whole body's JSON ({"query",
+# "texts"} for rerank), decoded as the endpoint decodes it; the request's parameters apply to every element.
+BODY_INPUTS = {"rerank": ("query", "texts")}
 
 
 def _errors(*statuses: int) -> dict:
@@ -334,6 +338,46 @@ def _endpoint_body(task: str, endpoint, tensors: dict[str, list[str]], parameter
     return body
 
 
+def _validated(endpoint, body: dict):
+    try:
+        return endpoint.request.model_validate(body)
+    except ValidationError as exc:
+        raise ProtocolError(
+            f"the inputs or parameters do not suit {endpoint.path}: {_describe(exc)}"
+        ) from None
+
+
+def _decode(
+    task: str, endpoint, tensors: dict[str, list[str]], parameters: dict, name: str, settings
+) -> Decoded:
+    """The request as the task endpoint decodes it: its items (one per `text` element) and parameters."""
+    if task not in BODY_INPUTS:
+        return endpoint.decode(
+            _validated(endpoint, _endpoint_body(task, endpoint, tensors, parameters, name)), settings
+        )
+    keys = BODY_INPUTS[task]
+    fields = endpoint.request.model_fields
+    shared = {k: v for k, v in parameters.items() if k not in PROTOCOL_PARAMETERS}
+    unknown = sorted(k for k in shared if k not in fields or k in (*keys, "model"))
+    if unknown:
+        raise ProtocolError(f"unknown parameter(s) {', '.join(unknown)} for {endpoint.path}")
+    items, params = [], None
+    for index, text in enumerate(tensors["text"]):
+        try:
+            element = json.loads(text)
+        except ValueError:
+            element = None
+        if not isinstance(element, dict) or set(element) - set(keys):
+            raise ProtocolError(
+                f"text element {index}: a {task} model takes each element as a JSON object with "
+                f"{' and '.join(keys)}"
+            )
+        decoded = endpoint.decode(_validated(endpoint, {**element, **shared, "model": name}), settings)
+        items += decoded.items
+        params = decoded.params  # the same for every element: the request's parameters
+    return Decoded(items, params, False)
+
+
 def _describe(exc: ValidationError) -> str:
     parts = []
     for error in exc.errors()[:5]:
@@ -382,10 +426,6 @@ async def _disconnected(request: Request) -> None:
 async def _infer(request: Request, runtime: Runtime, name: str, version: str | None) -> Response:
     _check_version(name, version)
     served = runtime.usable(runtime.named(name))
-    if served.task in UNSUPPORTED:
-        raise ProtocolError(
-            f"model {name!r} serves {served.task}, not offered over this protocol: use {UNSUPPORTED[served.task]}"
-        )
     body, binary = _split_body(await request.body(), request.headers.get("inference-header-content-length"))
     settings = runtime.settings
     allowed = [spec["name"] for spec in _inputs_of(served.task)]
@@ -408,15 +448,7 @@ async def _infer(request: Request, runtime: Runtime, name: str, version: str | N
     served = runtime.usable(runtime.named(name))
     endpoint = TASKS[served.task].endpoints[0]
     try:
-        request_body = endpoint.request.model_validate(
-            _endpoint_body(served.task, endpoint, tensors, parameters, name)
-        )
-    except ValidationError as exc:
-        raise ProtocolError(
-            f"the inputs or parameters do not suit {endpoint.path}: {_describe(exc)}"
-        ) from None
-    try:
-        decoded = endpoint.decode(request_body, settings)
+        decoded = _decode(served.task, endpoint, tensors, parameters, name, settings)
         timings = Timings()
         request.state.timings = timings
         answers, _ = await infer(

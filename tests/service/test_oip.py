@@ -51,20 +51,24 @@ def stop_server(served: SimpleNamespace) -> None:
 
 
 @pytest.fixture(scope="module")
-def oip(service_repos, make_repo):
+def oip(service_repos, make_repo, tmp_path_factory):
     encoder, _ = make_repo("base", seed=4, **SHALLOW)
+    cross_encoder, _ = make_repo("sequence-classification", seed=5, labels=["LABEL_0"], **SHALLOW)
     models = {
-        "sst": service_repos["classify"][0],
-        "tagger": service_repos["ner"][0],
-        "reader": service_repos["qa"][0],
-        "mlm": service_repos["fill-mask"][0],
-        "encoder": encoder,
+        "sst": (service_repos["classify"][0], "classify"),
+        "tagger": (service_repos["ner"][0], "ner"),
+        "reader": (service_repos["qa"][0], "qa"),
+        "mlm": (service_repos["fill-mask"][0], "fill-mask"),
+        "encoder": (encoder, "embed"),
+        "ranker": (cross_encoder, "rerank"),
     }
-    settings = Settings(
-        models=",".join(f"{name}={path}" for name, path in models.items()),
-        max_list_items=MAX_ITEMS,
-        **SMALL_GRID,
+    models_file = tmp_path_factory.mktemp("oip") / "models.toml"
+    models_file.write_text(
+        "".join(
+            f'[models.{name}]\nsource = "{path}"\ntask = "{task}"\n' for name, (path, task) in models.items()
+        )
     )
+    settings = Settings(models_file=str(models_file), max_list_items=MAX_ITEMS, **SMALL_GRID)
     runtime = Runtime(settings)
     runtime.start(background=False)
     assert not runtime.failed, runtime.failed
@@ -184,6 +188,21 @@ def test_other_tasks_answer_the_endpoint_json(oip):
     fill = oip.client.infer("mlm", [texts_input("text", masked)], parameters={"top_k": 3})
     expected = endpoint(oip, "/fill-mask", {"inputs": masked, "model": "mlm", "parameters": {"top_k": 3}})
     assert_close([json.loads(x) for x in fill.as_numpy("answer")], expected)
+
+
+def test_rerank_each_element_is_a_rerank_body(oip):
+    bodies = [
+        {"query": "capital of France", "texts": ["Paris is in France.", "Berlin is in Germany.", "Rome."]},
+        {"query": "a moving film", "texts": ["A delightful, moving film.", "The plot made no sense."]},
+    ]
+    result = oip.client.infer(
+        "ranker", [texts_input("text", [json.dumps(b) for b in bodies])], parameters={"return_text": True}
+    )
+    got = [json.loads(x) for x in result.as_numpy("answer")]
+    for answer, body in zip(got, bodies, strict=True):
+        assert_close(answer, endpoint(oip, "/rerank", {**body, "model": "ranker", "return_text": True}))
+    response = infer_raw(oip, "ranker", {"inputs": [tensor(data=[json.dumps({"query": "q", "text": "t"})])]})
+    assert response.status_code == 400 and "JSON object with query and texts" in response.json()["error"]
 
 
 def infer_raw(oip, name: str, body: dict | bytes, headers: dict | None = None, path: str | None = None):
