@@ -54,6 +54,9 @@ def stop_server(served: SimpleNamespace) -> None:
 def oip(service_repos, make_repo, tmp_path_factory):
     encoder, _ = make_repo("base", seed=4, **SHALLOW)
     cross_encoder, _ = make_repo("sequence-classification", seed=5, labels=["LABEL_0"], **SHALLOW)
+    nli, _ = make_repo(
+        "sequence-classification", seed=6, labels=["contradiction", "neutral", "entailment"], **SHALLOW
+    )
     models = {
         "sst": (service_repos["classify"][0], "classify"),
         "tagger": (service_repos["ner"][0], "ner"),
@@ -61,6 +64,7 @@ def oip(service_repos, make_repo, tmp_path_factory):
         "mlm": (service_repos["fill-mask"][0], "fill-mask"),
         "encoder": (encoder, "embed"),
         "ranker": (cross_encoder, "rerank"),
+        "nli": (nli, "zero-shot"),
     }
     models_file = tmp_path_factory.mktemp("oip") / "models.toml"
     models_file.write_text(
@@ -183,6 +187,11 @@ def test_other_tasks_answer_the_endpoint_json(oip):
     )
     expected = endpoint(oip, "/qa", {"inputs": questions, "model": "reader"})
     assert_close([json.loads(x) for x in qa.as_numpy("answer")], expected)
+
+    labels = {"candidate_labels": ["cinema", "geography", "food"], "multi_label": True}
+    zero_shot = oip.client.infer("nli", [texts_input("text", TEXTS)], parameters=labels)
+    expected = endpoint(oip, "/zero-shot", {"inputs": TEXTS, "model": "nli", "parameters": labels})
+    assert_close([json.loads(x) for x in zero_shot.as_numpy("answer")], expected)
 
     masked = ["Paris is the [MASK] of France.", "I [MASK] this film."]
     fill = oip.client.infer("mlm", [texts_input("text", masked)], parameters={"top_k": 3})
