@@ -18,8 +18,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .api import oip
 from .api.routes import models, ops, pages, tasks
 from .errors import ServiceError
+from .repository import ModelRepository
 from .runtime import Runtime
 from .settings import Settings
 from .tasks import endpoints
@@ -35,6 +37,8 @@ _METRIC_PATHS = {*_TASK_PATHS, "/health", "/ready", "/info", "/metrics", "/model
 def _is_task_request(scope) -> bool:
     """A request that runs a model: a task endpoint, or POST /models/{name}."""
     path = scope.get("path", "")
+    if path.startswith("/v2/models/") and path.endswith("/infer"):  # the Open Inference Protocol's infer
+        return True
     return path in _TASK_PATHS or (path.startswith("/models/") and scope.get("method") == "POST")
 
 
@@ -45,6 +49,8 @@ def _metric_label(scope) -> str:
         return path
     if path.startswith("/models/"):
         return "/models/{name}"
+    if path.startswith("/v2/models/") and path.endswith("/infer"):
+        return "/v2/models/{name}/infer"
     return "other"
 
 
@@ -258,6 +264,8 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, start_runt
     app.include_router(models.router)
     app.include_router(ops.router)
     app.include_router(pages.router)
+    app.include_router(oip.router)
+    ModelRepository.of(runtime)  # its load/unload counters are on /metrics from the start
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):

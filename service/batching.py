@@ -104,12 +104,24 @@ class Batcher:
         self._thread: threading.Thread | None = None
 
     def add(self, model: str, runner: ModelRunner) -> None:
-        """Serve `model` from now on (models join one by one as they become ready)."""
+        """Serve `model` from now on (models join one by one as they become ready). A model served already
+        gets the new runner, and its queue stays (a reload loses no request)."""
         with self._cond:
             self.runners[model] = runner
-            self._queues[model] = deque()
-            self._queued_tokens[model] = 0
-            self._preparing[model] = 0
+            if model not in self._queues:
+                self._queues[model] = deque()
+                self._queued_tokens[model] = 0
+                self._preparing[model] = 0
+
+    def remove(self, model: str) -> bool:
+        """Stop serving `model` if nothing of it is queued or being prepared; whether it was removed (a batch
+        of it already taken runs to the end on its runner)."""
+        with self._cond:
+            if self._queues.get(model) or self._preparing.get(model):
+                return False
+            for table in (self.runners, self._queues, self._queued_tokens, self._preparing):
+                table.pop(model, None)
+            return True
 
     # -- lifecycle --------------------------------------------------------------------------------------
 

@@ -51,8 +51,21 @@ def configured_models(settings: Settings) -> list[ModelSpec]:
         entries += _from_file(Path(settings.models_file), settings)
     if settings.models:
         entries += _from_short_form(settings.models, settings)
+    if settings.model_repository:  # every checkpoint of the repository in mode none; none of them in explicit
+        from .repository import repository_names, repository_specs
+
+        if settings.model_control_mode == "none":
+            entries += repository_specs(settings)
+        else:
+            repository_names(
+                settings
+            )  # a directory that is not there fails at start-up, not at the first load
     configured_endpoints = {endpoint: getattr(settings, field) for endpoint, field in MODEL_FIELDS.items()}
-    nothing_configured = not entries and all(value is None for value in configured_endpoints.values())
+    nothing_configured = (
+        not entries
+        and not settings.model_repository
+        and all(value is None for value in configured_endpoints.values())
+    )
     for endpoint, value in configured_endpoints.items():
         source = DEFAULT_MODELS[endpoint] if nothing_configured else value
         if source and source.strip():

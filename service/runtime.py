@@ -206,8 +206,10 @@ class Runtime:
 
     @property
     def ready(self) -> bool:
-        if self.draining or not self.models:
+        if self.draining:
             return False
+        if not self.models:  # with explicit model control, a server starts empty and models load by request
+            return self.settings.model_control_mode == "explicit"
         states = [m.state for m in self.models.values()]
         if self.settings.strict_readiness:
             return all(s == "ready" for s in states)
@@ -255,9 +257,10 @@ class Runtime:
             f" ({', '.join(self.failed)})" if self.failed else "",
         )
 
-    def _load(self, served: ServedModel, compile_covering: bool = True) -> None:
+    def _load(self, served: ServedModel, compile_covering: bool = True, serve: bool = True):
         """Load `served` and compile its covering programs (`compile_covering`; `albert-serve compile`'s
-        background child only builds the model, to compile its grid itself)."""
+        background child only builds the model, to compile its grid itself); then serve it (`serve`), or
+        return its task handler for the caller to serve."""
         spec = served.spec
         start = time.perf_counter()
         directory = resolve_source(spec.source)
@@ -315,10 +318,11 @@ class Runtime:
         if self._stop.is_set():
             raise StartUpStopped
         served.runner = runner
-        self.runners[spec.name] = runner
-        self.tasks[spec.name] = handler  # the task's pre- and post-processing for this model
-        self.batcher.add(spec.name, runner)
-        served.state = "ready"
+        if (
+            not serve
+        ):  # the model repository puts it in service itself, on the event loop (service/repository.py)
+            return handler
+        self.serve(served, handler)
         log.info(
             "%s: ready (%s) after %.1fs, %d/%d programs compiled",
             spec.name,
@@ -327,6 +331,14 @@ class Runtime:
             served.compiled,
             served.total,
         )
+
+    def serve(self, served: ServedModel, handler) -> None:
+        """Answer requests for `served` (ready: its runner built and covering programs compiled) with
+        `handler`; a model of the same name already served is replaced, its queued requests kept."""
+        self.runners[served.name] = served.runner
+        self.tasks[served.name] = handler  # the task's pre- and post-processing for this model
+        self.batcher.add(served.name, served.runner)
+        served.state = "ready"
 
     def _tokenizer(self, directory: Path):
         """The checkpoint's tokenizer; one object for every model whose tokenizer files are the same (an

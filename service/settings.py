@@ -81,6 +81,17 @@ class Settings(BaseSettings):
         "float32", description="Compute dtype. LayerNorm and softmax always run in float32."
     )
 
+    model_repository: str = Field(
+        "",
+        description="Directory of checkpoints, one per sub-directory (the model's name), each with an optional "
+        "albert-serve.toml (task, default, dtype, pooling). Mode none: all served from start-up.",
+    )
+    model_control_mode: Literal["none", "explicit"] = Field(
+        "none",
+        description="explicit: models of the model repository load and unload at runtime (POST "
+        "/v2/repository/models/<name>/load, /unload); none: refused.",
+    )
+
     # --- Compilation ------------------------------------------------------------------------------------
     seq_buckets: IntList = Field(
         default_factory=list,

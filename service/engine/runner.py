@@ -3,6 +3,7 @@ runs through, and `run`, from sequences to per-sequence outputs."""
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,7 +106,13 @@ class ModelRunner:
         self.main = shared_program_set(
             key,
             lambda: ProgramSet(
-                key, key[0], jax.jit(fn), self._param_specs(self.params), self._bucket_specs, self.devices
+                key,
+                key[0],
+                jax.jit(fn),
+                self._param_specs(self.params),
+                # Not a bound method: the set outlives this runner (an unloaded model's weights must go).
+                functools.partial(bucket_input_specs, self.program, self._by_rows),
+                self.devices,
             ),
         )
         self.main.runners.add(self)
@@ -125,6 +132,7 @@ class ModelRunner:
             vocab_key = ("vocab", *common, tree_signature(self._vocab_params))
             module = model.module
             hidden = cfg.hidden_size
+            by_rows = self._by_rows  # not `self`: the set outlives this runner
             self.vocab = shared_program_set(
                 vocab_key,
                 lambda: ProgramSet(
@@ -132,7 +140,7 @@ class ModelRunner:
                     "vocab",
                     jax.jit(vocab_program(module)),
                     self._param_specs(self._vocab_params),
-                    lambda size: [self._spec((size, hidden), jnp.float32)],
+                    lambda size: [jax.ShapeDtypeStruct((size, hidden), jnp.float32, sharding=by_rows)],
                     self.devices,
                 ),
             )
@@ -149,14 +157,7 @@ class ModelRunner:
         )
 
     def _bucket_specs(self, bucket: Bucket) -> list[jax.ShapeDtypeStruct]:
-        shape = (bucket.rows, bucket.length)
-        specs = [self._spec(shape) for _ in range(4)]
-        slots = (bucket.rows, sequences_per_row(bucket.length))
-        if self.program == "classify":
-            specs.append(self._spec(slots))
-        elif self.program == "embed":
-            specs += [self._spec(slots), self._spec(slots)]  # first tokens, prompt lengths
-        return specs
+        return bucket_input_specs(self.program, self._by_rows, bucket)
 
     def programs(self) -> list[tuple[ProgramSet, Any]]:
         """(set, key) of every executable this model uses: its grid, and fill-mask's vocabulary sizes."""
@@ -307,3 +308,18 @@ class ModelRunner:
             results.append({"probs": probs[start : start + count]})
             start += count
         return results
+
+
+def bucket_input_specs(program: str, by_rows, bucket: Bucket) -> list[jax.ShapeDtypeStruct]:
+    """The input shapes of `program` for one bucket, sharded by rows."""
+
+    def spec(shape):
+        return jax.ShapeDtypeStruct(shape, jnp.int32, sharding=by_rows)
+
+    specs = [spec((bucket.rows, bucket.length)) for _ in range(4)]
+    slots = (bucket.rows, sequences_per_row(bucket.length))
+    if program == "classify":
+        specs.append(spec(slots))
+    elif program == "embed":
+        specs += [spec(slots), spec(slots)]  # first tokens, prompt lengths
+    return specs
