@@ -353,7 +353,9 @@ class DecodeRequest(BaseModel):
 )
 async def decode(body: DecodeRequest, runtime: RuntimeDep, _: AuthDep):
     settings = runtime.settings
-    batch = bool(body.ids) and isinstance(body.ids[0], list)
+    if not body.ids:
+        raise EmptyBatch("`ids` cannot be empty")
+    batch = isinstance(body.ids[0], list)
     lists = _batch(body.ids, settings, "ids") if batch else [body.ids]
     served = _tokenizer_model(runtime, body.model)
     tokenizer = runtime.tasks[served.name].tokenizer
