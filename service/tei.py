@@ -31,6 +31,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .api.deps import AuthDep, RuntimeDep
 from .api.routes.tasks import TimeoutHeader, answer
+from .api.schemas import ErrorBody
 from .errors import DeadlineExceeded, EndpointDisabled, InvalidInput, ServiceError
 from .runtime import Runtime, ServedModel
 from .tasks.base import (
@@ -106,15 +107,17 @@ class TEIRoute(APIRoute):
 router = APIRouter(tags=["text-embeddings-inference"], route_class=TEIRoute)
 
 ERRORS = {
-    status: {"description": description}
+    status: {"model": ErrorBody, "description": description}
     for status, description in {
         400: "Empty: an empty batch.",
+        401: "An API key is configured and the request lacks it or has a wrong one.",
+        404: "No model serves the route's task, or none has the name the request gives.",
         413: "An input over the model's length with truncate false, or a list over max_list_items.",
         422: "Validation: a malformed body, a batch over --max-client-batch-size, a pair of three strings, an "
-        "unknown prompt_name, ids outside the vocabulary.",
-        424: "Backend: the model failed while answering.",
+        "unknown prompt_name, ids outside the vocabulary, a model of another task.",
         429: "Overloaded: the queue is full.",
         503: "Unhealthy: the model is not ready.",
+        504: "Backend: the request's deadline passed before it was served.",
     }.items()
 }
 
