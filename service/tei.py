@@ -11,9 +11,9 @@ text-embeddings-inference) onto the same runtime, tasks and batcher:
     POST /decode      ids back to text
     GET /info         TEI's Info fields (`tei_info`), merged into this service's own /info
 
-Errors on these routes have TEI's body and kinds: `{"error", "error_type"}` with error_type one of TEI's
-Validation, Empty, Tokenizer, Overloaded, Unhealthy, Backend. The status codes stay this service's (a
-too-long input is a 413, as on every route here; TEI says 422).
+Errors on these routes have TEI's body and, for the statuses TEI documents, its kinds: `{"error",
+"error_type"}` with error_type Validation, Empty, Overloaded, Unhealthy or Backend. The status codes stay this
+service's (a too-long input is a 413, as on every route here; TEI says 422).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from .api.deps import AuthDep, RuntimeDep
 from .api.routes.tasks import TimeoutHeader, answer
 from .api.schemas import ErrorBody
-from .errors import DeadlineExceeded, EndpointDisabled, InvalidInput, ServiceError
+from .errors import DeadlineExceeded, EndpointDisabled, InvalidInput, ServiceError, ValidationFailed
 from .runtime import Runtime, ServedModel
 from .tasks.base import (
     Decoded,
@@ -63,22 +63,23 @@ class EmptyBatch(ServiceError):
     status = 400
 
 
-def tei_error_type(status: int) -> str:
-    """TEI's ErrorType for one of this service's statuses."""
-    if status == 400:
-        return "Empty"
-    if status == 429:
-        return "Overloaded"
-    if status == 503:
-        return "Unhealthy"
-    if status >= 500 or status == 424:
-        return "Backend"
-    return "Validation"
+# TEI's ErrorType for each status its document lists; the others (401, 404, 504: nothing TEI answers) keep
+# this service's kinds.
+TEI_ERROR_TYPES = {
+    400: "Empty",
+    413: "Validation",
+    422: "Validation",
+    424: "Backend",
+    429: "Overloaded",
+    500: "Backend",
+    503: "Unhealthy",
+}
 
 
-def _tei_error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+def _tei_error(exc: ServiceError) -> JSONResponse:
+    kind = TEI_ERROR_TYPES.get(exc.status, exc.error_type)
     return JSONResponse(
-        {"error": message, "error_type": tei_error_type(status)}, status_code=status, headers=headers
+        {"error": exc.message, "error_type": kind}, status_code=exc.status, headers=exc.headers
     )
 
 
@@ -95,11 +96,9 @@ class TEIRoute(APIRoute):
                 return await handler(request)
             except RequestValidationError as exc:
                 content_type = request.headers.get("content-type", "").split(";")[0].strip()
-                return _tei_error(422, describe_validation_error(exc, content_type))
+                return _tei_error(ValidationFailed(describe_validation_error(exc, content_type)))
             except ServiceError as exc:
-                if exc.status == 401:
-                    raise  # the app's 401, with its WWW-Authenticate header and kind
-                return _tei_error(exc.status, exc.message, exc.headers)
+                return _tei_error(exc)
 
         return route
 
@@ -117,7 +116,7 @@ ERRORS = {
         "unknown prompt_name, ids outside the vocabulary, a model of another task.",
         429: "Overloaded: the queue is full.",
         503: "Unhealthy: the model is not ready.",
-        504: "Backend: the request's deadline passed before it was served.",
+        504: "The request's deadline passed before it was served (deadline_exceeded).",
     }.items()
 }
 
