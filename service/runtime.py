@@ -128,6 +128,9 @@ class Runtime:
     settings: Settings
     # The models to serve; None: the configured ones (`configured_models(settings)`). A batch job serves one.
     specs: list[ModelSpec] | None = None
+    # After ready, compile the rest of the grid in the background (a server). A batch job keeps to the covering
+    # set: its full batches pack into the covering buckets, and a compiler beside it would only take its cores.
+    complete_grid: bool = True
     metrics: Metrics = field(default_factory=Metrics)
     models: dict[str, ServedModel] = field(default_factory=dict)
     runners: dict[str, ModelRunner] = field(default_factory=dict)  # name -> runner, ready models only
@@ -237,7 +240,7 @@ class Runtime:
         # collection was a 0.4-0.6 s pause of every thread (measured during start-up).
         release_memory()
         gc.freeze()
-        if self._background:
+        if self._background and self.complete_grid:
             self._misses_at_ready = COMPILES.cache_misses
             self._grid_thread = threading.Thread(target=self._complete_grid, name="grid", daemon=True)
             self._grid_thread.start()
