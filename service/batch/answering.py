@@ -88,7 +88,8 @@ def answer_columns(task: str) -> dict[str, pa.DataType]:
 def _describe(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         return "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}" for e in exc.errors(include_url=False)
+            f"{'.'.join(str(p) for p in e['loc']) or 'body'}: {e['msg']}"
+            for e in exc.errors(include_url=False)
         )
     if isinstance(exc, ServiceError):
         return f"{exc.status} {exc.error_type}: {exc}"
@@ -105,7 +106,9 @@ class _Row:
 class RowAnswerer:
     """Answers lists of rows with one served model (ready in `runtime`)."""
 
-    def __init__(self, runtime: Runtime, served: ServedModel, columns: Columns, options: dict, in_flight: int):
+    def __init__(
+        self, runtime: Runtime, served: ServedModel, columns: Columns, options: dict, in_flight: int
+    ):
         self.runtime = runtime
         self.served = served
         self.task = served.task
@@ -124,7 +127,9 @@ class RowAnswerer:
         settings = self.runtime.settings
         for i, row in enumerate(rows):
             try:
-                body = self.endpoint.request.model_validate(row_body(self.task, row, self.columns, self.options))
+                body = self.endpoint.request.model_validate(
+                    row_body(self.task, row, self.columns, self.options)
+                )
                 d = self.endpoint.decode(body, settings)
                 decoded.append(_Row(i, d.items, d.params))
             except (ValidationError, ServiceError, ValueError, TypeError) as exc:
@@ -153,7 +158,9 @@ class RowAnswerer:
             return
         start = 0
         for row in group:
-            answers[row.index] = results[start] if len(row.items) == 1 else results[start : start + len(row.items)]
+            answers[row.index] = (
+                results[start] if len(row.items) == 1 else results[start : start + len(row.items)]
+            )
             start += len(row.items)
 
     async def _infer(self, items: list, params: Any) -> list:

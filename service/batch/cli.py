@@ -31,24 +31,38 @@ def build_parser() -> argparse.ArgumentParser:
         description="Answer every row of INPUT with one model and write OUTPUT as Parquet files. Every other flag "
         "is the server's (see albert-serve --help), e.g. --models-file, --dtype, --compilation-cache-dir.",
     )
-    parser.add_argument("input", metavar="INPUT", help=".jsonl, .csv, .parquet, a directory of them, or hf://datasets/<repo>")
-    parser.add_argument("output", metavar="OUTPUT", help="directory of Parquet files (created; resumed if it holds this job)")
-    parser.add_argument("--model", required=True, help="a configured model's name, a local checkpoint directory, or a hub id")
-    parser.add_argument("--task", default=None, help="the task, where the checkpoint's own is not the one wanted")
+    parser.add_argument(
+        "input", metavar="INPUT", help=".jsonl, .csv, .parquet, a directory of them, or hf://datasets/<repo>"
+    )
+    parser.add_argument(
+        "output", metavar="OUTPUT", help="directory of Parquet files (created; resumed if it holds this job)"
+    )
+    parser.add_argument(
+        "--model", required=True, help="a configured model's name, a local checkpoint directory, or a hub id"
+    )
+    parser.add_argument(
+        "--task", default=None, help="the task, where the checkpoint's own is not the one wanted"
+    )
     parser.add_argument("--column", default="text", help="the text column (default: text)")
     parser.add_argument("--pair-column", default=None, help="classify: the column of each text's pair")
     parser.add_argument("--question-column", default="question", help="qa: the question column")
     parser.add_argument("--context-column", default="context", help="qa: the context column")
-    parser.add_argument("--query-column", default="query", help="rerank: the column each row's text is scored against")
+    parser.add_argument(
+        "--query-column", default="query", help="rerank: the column each row's text is scored against"
+    )
     parser.add_argument(
         "--options",
         default="{}",
-        help='JSON merged into every row\'s request body, as the endpoint takes it: e.g. \'{"normalize": false}\' '
+        help="JSON merged into every row's request body, as the endpoint takes it: e.g. '{\"normalize\": false}' "
         'for embed, \'{"parameters": {"candidate_labels": ["a", "b"]}}\' for zero-shot',
     )
     parser.add_argument("--split", default="train", help="hf://datasets input: the split (default: train)")
-    parser.add_argument("--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows per output file and per resume step")
-    parser.add_argument("--output-prefix", default="", help="before each answer column's name (where the input has one)")
+    parser.add_argument(
+        "--chunk-rows", type=int, default=DEFAULT_CHUNK_ROWS, help="rows per output file and per resume step"
+    )
+    parser.add_argument(
+        "--output-prefix", default="", help="before each answer column's name (where the input has one)"
+    )
     parser.add_argument(
         "--ray",
         nargs="?",
@@ -94,7 +108,11 @@ def resolve_model(model: str, task: str | None, settings):
     if settings.models_file or settings.models:
         for spec in configured_models(settings):
             if spec.name == model:
-                return spec if task is None or task == spec.task else spec_for_source(spec.name, spec.source, task, settings, spec.origin)
+                return (
+                    spec
+                    if task is None or task == spec.task
+                    else spec_for_source(spec.name, spec.source, task, settings, spec.origin)
+                )
     return spec_for_source(re.sub(r"[^A-Za-z0-9._-]", "-", model)[-64:], model, task, settings, "--model")
 
 
@@ -116,7 +134,9 @@ def _run(args, rest: list[str]) -> int:
     if args.chunk_rows < 1:
         raise _Refused(f"--chunk-rows must be at least 1, got {args.chunk_rows}")
     options = _options(args.options)
-    columns = Columns(args.column, args.pair_column, args.question_column, args.context_column, args.query_column)
+    columns = Columns(
+        args.column, args.pair_column, args.question_column, args.context_column, args.query_column
+    )
     try:
         source = open_source(args.input, args.split)
         spec = resolve_model(args.model, args.task, settings)
@@ -143,7 +163,16 @@ def _run(args, rest: list[str]) -> int:
         if served.state != "ready":
             print(f"albert-serve batch: model {spec.name} failed: {served.reason}", file=sys.stderr)
             return 1
-        plan = JobPlan(source, Path(args.output), spec, served.task, columns, options, args.chunk_rows, args.output_prefix)
+        plan = JobPlan(
+            source,
+            Path(args.output),
+            spec,
+            served.task,
+            columns,
+            options,
+            args.chunk_rows,
+            args.output_prefix,
+        )
         try:
             plan.prepare_output()
         except (JobRefused, OSError) as exc:

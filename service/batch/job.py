@@ -107,7 +107,9 @@ class JobPlan:
                     "job's); use another OUTPUT, or remove it to start over"
                 )
         elif self.output.exists() and any(self.output.iterdir()):
-            raise JobRefused(f"{self.output} is not empty and is not a batch job's output; use another OUTPUT")
+            raise JobRefused(
+                f"{self.output} is not empty and is not a batch job's output; use another OUTPUT"
+            )
         self.output.mkdir(parents=True, exist_ok=True)
         for partial in self.output.glob(".*.tmp"):  # a write the last run did not finish
             partial.unlink()

@@ -21,7 +21,9 @@ def batch_repos(tmp_path_factory, spiece_model, make_repo) -> dict:
     backbone = build_backbone(tmp / "backbone", spiece_model, seed=4)
     return {
         "embed": build_sentence_transformer(tmp / "st", backbone, pooling_mode="mean", normalize=True),
-        "classify": make_repo("sequence-classification", seed=3, labels=["neg", "pos", "neutral"], **SHALLOW)[0],
+        "classify": make_repo("sequence-classification", seed=3, labels=["neg", "pos", "neutral"], **SHALLOW)[
+            0
+        ],
         "fill-mask": make_repo("masked-lm", seed=0, **SHALLOW)[0],
         "qa": make_repo("question-answering", seed=1, **SHALLOW)[0],
         "ner": make_repo("token-classification", seed=2, **SHALLOW)[0],
@@ -34,7 +36,9 @@ def batch_repos(tmp_path_factory, spiece_model, make_repo) -> dict:
 def batch_models_file(batch_repos, tmp_path_factory):
     path = tmp_path_factory.mktemp("batch-config") / "models.toml"
     path.write_text(
-        "".join(f'[models.{task}]\nsource = "{repo}"\ntask = "{task}"\n\n' for task, repo in batch_repos.items())
+        "".join(
+            f'[models.{task}]\nsource = "{repo}"\ntask = "{task}"\n\n' for task, repo in batch_repos.items()
+        )
     )
     return path
 

@@ -8,7 +8,6 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 
 from service.batch.cli import main as batch
 
@@ -28,7 +27,10 @@ def read_output(directory) -> pa.Table:
 def test_embed_jsonl_equals_the_endpoint(tmp_path, batch_flags, endpoints):
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(TEXTS * 3)))
-    assert batch([str(source), str(tmp_path / "out"), "--model", "embed", "--chunk-rows", "4", *batch_flags]) == 0
+    assert (
+        batch([str(source), str(tmp_path / "out"), "--model", "embed", "--chunk-rows", "4", *batch_flags])
+        == 0
+    )
     table = read_output(tmp_path / "out")
     assert table.column("id").to_pylist() == list(range(15))
     assert table.schema.field("embedding").type == pa.list_(pa.float32())

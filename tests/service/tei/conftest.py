@@ -12,8 +12,7 @@ from service.app import create_app
 from service.runtime import Runtime
 from service.settings import Settings
 from tests.service.support import SMALL_GRID
-
-LABELS = ["contradiction", "neutral", "entailment"]
+from tests.service.tei.tei_schema import LABELS, models_toml
 
 
 @pytest.fixture(scope="session")
@@ -30,18 +29,6 @@ def tei_repos(tmp_path_factory, spiece_model, make_repo):
         "nli": make_repo("sequence-classification", seed=12, labels=LABELS, **SHALLOW)[0],
         "one": make_repo("sequence-classification", seed=13, labels=["score"], **SHALLOW)[0],
     }
-
-
-def models_toml(repos) -> str:
-    return "\n".join(
-        [
-            f'[models.st]\nsource = "{repos["st"]}"\ndefault = true',
-            f'[models.nli]\nsource = "{repos["nli"]}"\ntask = "classify"\ndefault = true',
-            f'[models.one]\nsource = "{repos["one"]}"\ntask = "classify"',
-            f'[models.cross]\nsource = "{repos["one"]}"\ntask = "rerank"',
-            "",
-        ]
-    )
 
 
 @pytest.fixture(scope="session")

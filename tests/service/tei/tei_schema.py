@@ -1,5 +1,6 @@
 """TEI's own OpenAPI document (tests/service/tei/openapi.json: docs/openapi.json of
-huggingface/text-embeddings-inference, main at 0d124dc, July 2026), to validate answers against."""
+huggingface/text-embeddings-inference, main at 0d124dc, July 2026), to validate answers against; and the
+models file of the TEI tests' service."""
 
 from __future__ import annotations
 
@@ -31,3 +32,18 @@ def assert_tei_schema(value, name: str) -> None:
     """`value` is valid against TEI's components.schemas[name]."""
     schema = {"$ref": f"#/components/schemas/{name}", "components": _COMPONENTS}
     jsonschema.validate(value, schema)
+
+
+LABELS = ["contradiction", "neutral", "entailment"]
+
+
+def models_toml(repos) -> str:
+    return "\n".join(
+        [
+            f'[models.st]\nsource = "{repos["st"]}"\ndefault = true',
+            f'[models.nli]\nsource = "{repos["nli"]}"\ntask = "classify"\ndefault = true',
+            f'[models.one]\nsource = "{repos["one"]}"\ntask = "classify"',
+            f'[models.cross]\nsource = "{repos["one"]}"\ntask = "rerank"',
+            "",
+        ]
+    )

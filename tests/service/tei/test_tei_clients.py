@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from tests.service.support import SMALL_GRID, ServiceProcess, settings_env
-from tests.service.tei.conftest import models_toml
-from tests.service.tei.tei_schema import assert_tei_schema
+from tests.service.tei.tei_schema import assert_tei_schema, models_toml
 
 LONG = " ".join(f"The {i}th quick brown fox jumps over the lazy dog near the river bank." for i in range(30))
 

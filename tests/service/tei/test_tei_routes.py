@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.service.tei.conftest import LABELS
-from tests.service.tei.tei_schema import assert_tei_schema
+from tests.service.tei.tei_schema import LABELS, assert_tei_schema
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Marie Curie worked in Paris.", "terrible, awful!"]
 PAIR = ["A man is playing a guitar.", "Someone makes music."]
