@@ -1,0 +1,103 @@
+"""SPLADE on TEI's /embed_sparse: a checkpoint saved by sentence-transformers 5's SparseEncoder (MLMTransformer
++ SpladePooling) answers the non-zero terms of SparseEncoder.encode, found from modules.json alone."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from builders import build_repo
+from fastapi.testclient import TestClient
+
+from service.app import create_app
+from service.runtime import Runtime
+from service.settings import Settings
+from tests.service.support import SMALL_GRID
+from tests.service.tei.tei_schema import assert_tei_schema
+
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "Marie Curie worked in Paris.", "terrible, awful!"]
+LONG = " ".join(f"The {i}th quick brown fox jumps over the lazy dog near the river bank." for i in range(30))
+SHALLOW = dict(num_hidden_layers=2, num_hidden_groups=1, inner_group_num=1)
+
+
+@pytest.fixture(scope="module")
+def splade_repos(tmp_path_factory, spiece_model, tei_repos):
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.models import MLMTransformer, SpladePooling
+
+    tmp = tmp_path_factory.mktemp("splade")
+    build_repo(tmp / "mlm", "masked-lm", spiece_model, seed=21, **SHALLOW)
+    repos = {}
+    for name, strategy, activation in [("splade", "max", "relu"), ("splade-sum", "sum", "log1p_relu")]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            modules = [
+                MLMTransformer(str(tmp / "mlm")),
+                SpladePooling(pooling_strategy=strategy, activation_function=activation),
+            ]
+            SparseEncoder(modules=modules, device="cpu").save(str(tmp / name))
+        repos[name] = tmp / name
+    repos["st"] = tei_repos["st"]
+    return repos
+
+
+@pytest.fixture(scope="module")
+def sparse_client(splade_repos, tmp_path_factory):
+    path = tmp_path_factory.mktemp("splade-config") / "models.toml"
+    path.write_text(
+        f'[models.splade]\nsource = "{splade_repos["splade"]}"\ndefault = true\n'
+        f'[models.splade-sum]\nsource = "{splade_repos["splade-sum"]}"\n'
+        f'[models.st]\nsource = "{splade_repos["st"]}"\n'
+    )
+    settings = Settings(
+        **SMALL_GRID,
+        models_file=str(path),
+        classify_model=None,
+        fill_mask_model=None,
+        qa_model=None,
+        ner_model=None,
+    )
+    runtime = Runtime(settings)
+    runtime.start(background=False)
+    with TestClient(create_app(settings, runtime=runtime, start_runtime=False)) as client:
+        yield client
+    runtime.stop()
+
+
+def _reference(directory, texts) -> np.ndarray:
+    from sentence_transformers import SparseEncoder
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        encoded = SparseEncoder(str(directory), device="cpu").encode(texts)
+    return encoded.to_dense().numpy()
+
+
+@pytest.mark.parametrize("name", ["splade", "splade-sum"])
+def test_embed_sparse_is_sparse_encoders_non_zeros(sparse_client, splade_repos, name):
+    models = {m["name"]: m for m in sparse_client.get("/models").json()["models"]}
+    assert models[name]["task"] == "sparse-embed"  # from modules.json alone
+    response = sparse_client.post("/embed_sparse", json={"inputs": [*TEXTS, LONG], "model": name})
+    assert response.status_code == 200, response.text
+    assert_tei_schema(response.json(), "EmbedSparseResponse")
+    reference = _reference(splade_repos[name], [*TEXTS, LONG])  # it truncates LONG
+    for answer, dense in zip(response.json(), reference, strict=True):
+        indices = [term["index"] for term in answer]
+        assert indices == sorted(indices) and all(term["value"] > 0 for term in answer)
+        ours = np.zeros_like(dense)
+        ours[indices] = [term["value"] for term in answer]
+        np.testing.assert_allclose(ours, dense, rtol=1e-5, atol=1e-5)
+        # The same terms, but for any within float32 noise of zero (a logit at the relu's edge).
+        differ = set(indices) ^ set(np.nonzero(dense)[0].tolist())
+        assert all(max(ours[i], dense[i]) < 1e-5 for i in differ), differ
+        assert len(indices) > 10
+
+
+def test_embed_sparse_bad_input(sparse_client):
+    wrong = sparse_client.post("/embed_sparse", json={"inputs": "a", "model": "st"})
+    assert wrong.status_code == 422 and "sparse-embed" in wrong.json()["error"]
+    long = sparse_client.post("/embed_sparse", json={"inputs": LONG, "truncate": False})
+    assert long.status_code == 413, long.text
+    empty = sparse_client.post("/embed_sparse", json={"inputs": []})
+    assert empty.status_code == 422
