@@ -399,7 +399,7 @@ async def root(
 
 
 def _info_model(runtime: Runtime) -> ServedModel | None:
-    for task in ("embed", "classify", "rerank"):
+    for task in ("embed", "classify", "rerank", "sparse-embed"):
         try:
             return runtime._default_model(task)
         except ServiceError:
@@ -409,7 +409,7 @@ def _info_model(runtime: Runtime) -> ServedModel | None:
 
 def tei_info(runtime: Runtime) -> dict:
     """TEI's `Info` for the model its routes answer with by default (embedding, else classifier, else
-    reranker), added beside this service's own /info fields."""
+    reranker, else SPLADE), added beside this service's own /info fields."""
     settings = runtime.settings
     served = _info_model(runtime)
     info: dict[str, Any] = {
@@ -439,6 +439,8 @@ def tei_info(runtime: Runtime) -> dict:
     labels = served.labels or []
     if served.task == "embed" and task is not None:
         info["model_type"] = {"embedding": {"pooling": "+".join(task.config.pooling_modes)}}
+    elif served.task == "sparse-embed":
+        info["model_type"] = {"embedding": {"pooling": "splade"}}
     elif served.task in ("classify", "rerank"):
         kind = "classifier" if served.task == "classify" else "reranker"
         info["model_type"] = {

@@ -270,6 +270,7 @@ def decode_embed(body: EmbedRequest, settings) -> Decoded:
         truncate=truncate_or_default(body.truncate, settings),
         truncation_direction=body.truncation_direction.lower(),
         prompt_name=body.prompt_name,
+        dimensions=body.dimensions,
     )
     return Decoded(_checked_texts(body.inputs, settings, "inputs"), params, False)
 

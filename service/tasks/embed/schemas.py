@@ -31,6 +31,9 @@ class EmbedRequest(BaseModel):
     )
     inputs: str | list[str] = Field(description="A text or a list of texts.", min_length=1)
     normalize: StrictBool = Field(True, description="L2-normalize each embedding.")
+    dimensions: StrictInt | None = Field(
+        None, ge=1, description="Keep the first n values of each embedding (then normalize), as TEI's."
+    )
     truncate: StrictBool | None = Field(
         None,
         description="Cut inputs over the model's limit; false: such an input is a 413; by default the "

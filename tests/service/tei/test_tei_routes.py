@@ -188,3 +188,18 @@ def test_bad_input_is_a_4xx_in_teis_body(tei_client, path, body, status, kind, f
     assert response.json()["error_type"] == kind
     for fragment in fragments:
         assert fragment in response.json()["error"], response.json()
+
+
+def test_embed_dimensions_keeps_the_first_values_then_normalizes(tei_client, tei_repos):
+    from sentence_transformers import SentenceTransformer
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = SentenceTransformer(str(tei_repos["st"]), device="cpu", truncate_dim=8)
+        reference = model.encode(TEXTS, normalize_embeddings=True)  # truncate_dim, then normalize
+    response = tei_client.post("/embed", json={"inputs": TEXTS, "dimensions": 8})
+    assert response.status_code == 200, response.text
+    assert_tei_schema(response.json(), "EmbedResponse")
+    np.testing.assert_allclose(np.asarray(response.json()), reference, atol=1e-5)
+    too_many = tei_client.post("/embed", json={"inputs": "a", "dimensions": 5000})
+    assert too_many.status_code == 422 and "5000" in too_many.json()["error"]

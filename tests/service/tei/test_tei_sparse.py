@@ -94,6 +94,29 @@ def test_embed_sparse_is_sparse_encoders_non_zeros(sparse_client, splade_repos, 
         assert len(indices) > 10
 
 
+def test_info_says_splade_for_a_sparse_default(tmp_path, splade_repos):
+    from service.tei import tei_info
+
+    path = tmp_path / "models.toml"
+    path.write_text(f'[models.splade]\nsource = "{splade_repos["splade"]}"\n')
+    runtime = Runtime(
+        Settings(
+            **SMALL_GRID,
+            models_file=str(path),
+            classify_model=None,
+            fill_mask_model=None,
+            qa_model=None,
+            ner_model=None,
+        )
+    )  # not started: /info describes configured models
+    assert runtime.models["splade"].task == "sparse-embed"  # from modules.json, at configuration
+    info = tei_info(runtime)
+    assert_tei_schema(info, "Info")
+    assert (
+        info["model_type"] == {"embedding": {"pooling": "splade"}} and info["served_model_name"] == "splade"
+    )
+
+
 def test_embed_sparse_bad_input(sparse_client):
     wrong = sparse_client.post("/embed_sparse", json={"inputs": "a", "model": "st"})
     assert wrong.status_code == 422 and "sparse-embed" in wrong.json()["error"]
