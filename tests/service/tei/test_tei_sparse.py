@@ -124,3 +124,35 @@ def test_embed_sparse_bad_input(sparse_client):
     assert long.status_code == 413, long.text
     empty = sparse_client.post("/embed_sparse", json={"inputs": []})
     assert empty.status_code == 422
+
+
+def test_batch_job_answers_as_embed_sparse(sparse_client, splade_repos, tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from service.batch.cli import main as batch
+
+    models = tmp_path / "models.toml"
+    models.write_text(f'[models.splade]\nsource = "{splade_repos["splade"]}"\n')
+    source = tmp_path / "in.jsonl"
+    source.write_text("".join(json.dumps({"id": i, "text": t}) + "\n" for i, t in enumerate(TEXTS)))
+    flags = ["--models-file", str(models), "--compilation-cache-dir", ""]
+    for name, value in SMALL_GRID.items():
+        if name != "compilation_cache_dir":
+            flags += [
+                "--" + name.replace("_", "-"),
+                ",".join(map(str, value)) if isinstance(value, list) else str(value),
+            ]
+    assert batch([str(source), str(tmp_path / "out"), "--model", "splade", *flags]) == 0
+    table = pq.read_table(sorted(str(p) for p in (tmp_path / "out").glob("part-*.parquet")))
+    assert table.schema.field("indices").type == pa.list_(pa.int32())
+    assert table.schema.field("values").type == pa.list_(pa.float32())
+    expected = sparse_client.post("/embed_sparse", json={"inputs": TEXTS, "model": "splade"}).json()
+    assert table.column("indices").to_pylist() == [[t["index"] for t in terms] for terms in expected]
+    np.testing.assert_allclose(
+        np.concatenate([np.asarray(v, np.float32) for v in table.column("values").to_pylist()]),
+        np.asarray([t["value"] for terms in expected for t in terms], np.float32),
+        rtol=1e-6,
+    )
