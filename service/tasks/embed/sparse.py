@@ -10,6 +10,7 @@ never the vocabulary-sized activations. Tokenization, prompts and truncation are
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ from .layout import (
     _read_prompts,
     _read_transformer,
 )
+
+log = logging.getLogger(__name__)
 
 # The most non-zero terms answered per text: the largest ones (a SPLADE document has a few hundred).
 MAX_TERMS = 2048
@@ -184,6 +187,12 @@ class SparseEmbedTask(EmbedTask):
     def finish(self, prepared: Prepared, outputs: list[dict[str, np.ndarray]]) -> list[list[dict]]:
         answers = []
         for output in outputs:
+            if int(output["count"]) > len(output["values"]):
+                log.warning(
+                    "a text has %d non-zero SPLADE terms; the largest %d are answered",
+                    int(output["count"]),
+                    len(output["values"]),
+                )
             count = min(int(output["count"]), len(output["values"]))
             indices = np.asarray(output["indices"][:count])
             values = np.asarray(output["values"][:count], dtype=np.float32)

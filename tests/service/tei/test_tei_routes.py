@@ -110,8 +110,14 @@ def test_tokenize_is_the_tokenizer_with_the_callers_substrings(tei_client, tei_r
     assert response.status_code == 200, response.text
     assert_tei_schema(response.json(), "TokenizeResponse")
     for tokens, source in zip(response.json(), [text, TEXTS[0]], strict=True):
-        encoded = tokenizer(source, return_special_tokens_mask=True)
+        encoded = tokenizer(source, return_special_tokens_mask=True, return_offsets_mapping=True)
         assert [t["id"] for t in tokens] == encoded["input_ids"]
+        offsets = [
+            tuple(o)
+            for o, special in zip(encoded["offset_mapping"], encoded["special_tokens_mask"], strict=True)
+            if not special
+        ]
+        assert [(t["start"], t["stop"]) for t in tokens if not t["special"]] == offsets
         assert [t["special"] for t in tokens] == [bool(x) for x in encoded["special_tokens_mask"]]
         for token in tokens:
             if token["special"]:

@@ -117,6 +117,12 @@ def test_info_says_splade_for_a_sparse_default(tmp_path, splade_repos):
     )
 
 
+def test_models_route_answers_as_embed_sparse(sparse_client):
+    by_name = sparse_client.post("/models/splade", json={"inputs": TEXTS[:2]})
+    assert by_name.status_code == 200, by_name.text
+    assert by_name.json() == sparse_client.post("/embed_sparse", json={"inputs": TEXTS[:2]}).json()
+
+
 def test_embed_sparse_bad_input(sparse_client):
     wrong = sparse_client.post("/embed_sparse", json={"inputs": "a", "model": "st"})
     assert wrong.status_code == 422 and "sparse-embed" in wrong.json()["error"]
