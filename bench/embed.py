@@ -10,6 +10,8 @@
 5. prints requests/s, p50 and p99 latency, useful FLOP/s (a full forward pass of every real token: mean
    pooling reads them all) against the roofline, and the targets at c=16: >= 2x the baseline's requests/s
    and <= half its p99. Results are also written as JSON to bench/results/embed-<timestamp>.json.
+6. the sparse line (bench/embed_sparse.py; `--no-sparse` skips it): SPLADE texts/s of albert-serve's
+   /embed_sparse against sentence-transformers' SparseEncoder.encode on the same checkpoint.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from model.config import PRESETS
 from service.settings import ENDPOINTS, model_env_var
 
 from . import checkpoint, texts
+from .embed_sparse import sparse_line
 from .run import CACHE, ROOT, Flops, Server, _cpu_name, drive, matmul_roofline, token_counts
 
 BASELINE_PORT, OURS_PORT = 8721, 8722
@@ -69,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", default="1,16")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds measured per load point")
     parser.add_argument("--serve-args", default="", help="extra albert-serve flags, e.g. '--max-wait-ms 5'")
+    parser.add_argument(
+        "--no-sparse", action="store_true", help="skip the SPLADE line (bench/embed_sparse.py)"
+    )
     args = parser.parse_args(argv)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     load_before = uptime()
@@ -168,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, (value, met) in targets.items():
         print(f"| {name} | {value:.2f} | {'yes' if met else 'NO'} |")
 
+    sparse = None if args.no_sparse else sparse_line(args.duration, args.serve_args)
+
     load_after = uptime()
     print(
         f"\nroofline {roof / 1e9:.0f} GFLOP/s; {flops.per_token / 1e6:.1f} MFLOP per token; machine "
@@ -185,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "targets": {k: {"value": v, "met": m} for k, (v, m) in targets.items()},
         "targets_met": all(m for _, m in targets.values()),
+        "sparse_texts_per_s": sparse,
     }
     out = ROOT / "results"
     out.mkdir(exist_ok=True)

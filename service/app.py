@@ -18,6 +18,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from . import tei
 from .api import oip
 from .api.routes import models, ops, pages, tasks
 from .errors import ServiceError
@@ -30,7 +31,7 @@ log = logging.getLogger("albert_serve.access")
 error_log = logging.getLogger(__name__)
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
-_TASK_PATHS = {endpoint.path for _, endpoint in endpoints()}
+_TASK_PATHS = {endpoint.path for _, endpoint in endpoints()} | set(tei.PATHS)
 _METRIC_PATHS = {*_TASK_PATHS, "/health", "/ready", "/info", "/metrics", "/models"}
 
 
@@ -261,6 +262,7 @@ def create_app(settings: Settings, *, runtime: Runtime | None = None, start_runt
     )
     app.state.runtime = runtime
     app.include_router(tasks.router)
+    app.include_router(tei.router)
     app.include_router(models.router)
     app.include_router(ops.router)
     app.include_router(pages.router)

@@ -171,9 +171,11 @@ def _checked(entries: list[ModelSpec]) -> list[ModelSpec]:
 
 def checkpoint_architecture(directory: Path) -> str | None:
     """The architecture config.json names (None if it names none), or "sentence-transformers" for a
-    sentence-transformers layout (modules.json)."""
+    sentence-transformers layout (modules.json), "sentence-transformers-sparse" for a SparseEncoder one."""
     if (directory / "modules.json").is_file():
-        return "sentence-transformers"
+        from .tasks.embed.sparse import is_sparse_layout  # SPLADE: a SpladePooling module
+
+        return "sentence-transformers-sparse" if is_sparse_layout(directory) else "sentence-transformers"
     try:
         config = json.loads((directory / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -297,7 +297,11 @@ class Runtime:
             devices=len(devices),
         )
         runner = ModelRunner(
-            task.program, loaded, buckets, devices, embedding=extra if task.program == "embed" else None
+            task.program,
+            loaded,
+            buckets,
+            devices,
+            embedding=extra if task.program in ("embed", "sparse") else None,
         )
         served.grid, served.state = runner, "compiling"
         shared = runner.compiled_count()

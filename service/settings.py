@@ -136,6 +136,15 @@ class Settings(BaseSettings):
     max_list_items: int = Field(64, ge=1, description="Most inputs in one request's list (413 beyond).")
     max_top_k: int = Field(1000, ge=1, description="Largest top_k accepted.")
     max_targets: int = Field(100, ge=1, description="Most fill-mask targets accepted.")
+    # text-embeddings-inference's two request limits, with its defaults.
+    auto_truncate: bool = Field(
+        True,
+        description="Cut over-long inputs to the model's length on /embed, /embed_all, /predict, /rerank, "
+        "/similarity and /v1/embeddings when a request does not say (truncate: false makes them a 413).",
+    )
+    max_client_batch_size: int = Field(
+        32, ge=1, description="Most inputs in one request to a TEI route (422 beyond), as TEI's flag."
+    )
 
     # --- Security and lifecycle -------------------------------------------------------------------------
     api_keys: StrList = Field(

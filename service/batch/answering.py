@@ -80,6 +80,8 @@ def answer_columns(task: str) -> dict[str, pa.DataType]:
         columns = {"embedding": pa.list_(pa.float32())}
     elif task == "classify":
         columns = {"label": pa.string(), "score": pa.float32(), "scores": pa.list_(pa.float32())}
+    elif task == "sparse-embed":  # SPLADE: the non-zero terms, by index (as /embed_sparse answers them)
+        columns = {"indices": pa.list_(pa.int32()), "values": pa.list_(pa.float32())}
     else:
         columns = {"answer": pa.string()}
     return {**columns, "error": pa.string()}
@@ -198,6 +200,11 @@ class RowAnswerer:
                 data["label"].append(ranked[0]["label"] if ranked else None)
                 data["score"].append(ranked[0]["score"] if ranked else None)
                 data["scores"].append(self._in_label_order(ranked) if ranked else None)
+        elif self.task == "sparse-embed":
+            data = {
+                "indices": [None if a is None else [t["index"] for t in a] for a in answers],
+                "values": [None if a is None else [t["value"] for t in a] for a in answers],
+            }
         else:
             data = {"answer": [None if a is None else json.dumps(a, ensure_ascii=False) for a in answers]}
         data["error"] = errors

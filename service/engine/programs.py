@@ -28,7 +28,7 @@ from .costs import read_costs, write_costs
 # projection at the mask positions only). The four original task names are accepted for their program.
 # "embed" pools each sequence inside the program (sentence-transformers' modules; see tasks/embed.py), so
 # only the pooled vectors leave the device.
-PROGRAMS = ("classify", "tokens", "fill-mask", "embed")
+PROGRAMS = ("classify", "tokens", "fill-mask", "embed", "sparse")  # sparse: tasks/embed/sparse.py's SPLADE
 PROGRAM_OF = {"qa": "tokens", "ner": "tokens"}
 MAX_MASK_CHUNK = 256
 

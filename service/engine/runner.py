@@ -19,6 +19,7 @@ from model.modules import AlbertModel
 
 from ..tasks.base import ModelInput
 from ..tasks.embed import embedding_fn, embedding_params, prompt_lengths_for
+from ..tasks.embed.sparse import sparse_signature, splade_fn
 from .buckets import Bucket, covering_buckets
 from .compiling import compile_many, complete_grids, program_label
 from .packing import PackedBatch, Packer, Plan, sequences_per_row
@@ -88,6 +89,11 @@ class ModelRunner:
                 embedding_signature(embedding),
             )
             fn = embedding_fn(model.module, embedding)
+        elif self.program == "sparse":
+            # SPLADE (tasks/embed/sparse.py): the masked-LM model whole, pooled and top-k'd inside.
+            self.params = params
+            key = ("sparse", *common, tree_signature(params), sparse_signature(embedding))
+            fn = splade_fn(model.module, embedding)
         else:
             self.params = params["albert"]
             pooled = self.program == "classify"
@@ -261,6 +267,13 @@ class ModelRunner:
             slots = np.array([k for _, k in batch.slots], np.int64)
             logits = pooled[rows, slots] @ self._head["kernel"] + self._head["bias"]  # [N, C] float32
             return [{"logits": row} for row in logits], batch
+        if self.program == "sparse":
+            out = executable(self.params, *inputs, batch.first_tokens)
+            values, indices, count = (np.asarray(out[k]) for k in ("values", "indices", "count"))
+            return [
+                {"values": values[r, k], "indices": indices[r, k], "count": count[r, k]}
+                for r, k in batch.slots
+            ], batch
         if self.program == "embed":
             prompts = prompt_lengths_for(batch, sequences)
             vectors = np.asarray(executable(self.params, *inputs, batch.first_tokens, prompts)["embedding"])
@@ -318,7 +331,7 @@ def bucket_input_specs(program: str, by_rows, bucket: Bucket) -> list[jax.ShapeD
 
     specs = [spec((bucket.rows, bucket.length)) for _ in range(4)]
     slots = (bucket.rows, sequences_per_row(bucket.length))
-    if program == "classify":
+    if program in ("classify", "sparse"):
         specs.append(spec(slots))
     elif program == "embed":
         specs += [spec(slots), spec(slots)]  # first tokens, prompt lengths

@@ -302,6 +302,29 @@
         return cosineMatrix(request.inputs, answer);
       },
     },
+    'sparse-embed': {
+      title: 'Sparse embeddings (SPLADE)',
+      body() {
+        return { inputs: $('sparse-text').value };
+      },
+      render(answer, request) {
+        // The 20 largest terms as bars, labelled by id at once, then by their token's text from POST /decode.
+        const top = answer[0].slice().sort((a, b) => b.value - a.value).slice(0, 20);
+        const box = bars(top.map((t) => ['#' + t.index, t.value]));
+        const body = { ids: top.map((t) => [t.index]), skip_special_tokens: false };
+        if (request.model) body.model = request.model;
+        call('POST', '/decode', body)
+          .then((reply) => {
+            if (!reply.ok || !Array.isArray(reply.json)) return;
+            box.querySelectorAll('.bar-label').forEach((label, i) => {
+              label.textContent = reply.json[i] + ' (#' + top[i].index + ')';
+            });
+            box.dataset.decoded = 'true';
+          })
+          .catch(() => {});
+        return box;
+      },
+    },
     rerank: {
       title: 'Rerank',
       body() {

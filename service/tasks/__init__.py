@@ -11,10 +11,20 @@ from __future__ import annotations
 from . import classify, fill_mask, ner, qa, rerank, zero_shot
 from .base import Endpoint, ModelTask
 from .embed import dense as embed
+from .embed import sparse as sparse_embed
 
 TASKS: dict[str, ModelTask] = {
     task.name: task
-    for task in (classify.TASK, fill_mask.TASK, qa.TASK, ner.TASK, embed.TASK, zero_shot.TASK, rerank.TASK)
+    for task in (
+        classify.TASK,
+        fill_mask.TASK,
+        qa.TASK,
+        ner.TASK,
+        embed.TASK,
+        zero_shot.TASK,
+        rerank.TASK,
+        sparse_embed.TASK,
+    )
 }
 
 # A checkpoint's default task, from config.json's `architectures`.

@@ -153,6 +153,20 @@ def as_list(inputs: Any, max_items: int, field: str = "inputs") -> tuple[list, b
     return inputs, False
 
 
+def check_client_batch(count: int, settings, field: str = "inputs") -> None:
+    """text-embeddings-inference's --max-client-batch-size: a batch over it is a 422 (its message)."""
+    limit = getattr(settings, "max_client_batch_size", None)
+    if limit is not None and count > limit:
+        raise ValidationFailed(
+            f"batch size {count} > maximum allowed batch size {limit} ({field}; --max-client-batch-size)"
+        )
+
+
+def truncate_or_default(truncate: bool | None, settings) -> bool:
+    """A request's `truncate`, or the server's --auto-truncate when the request does not say (TEI's rule)."""
+    return bool(truncate) if truncate is not None else bool(getattr(settings, "auto_truncate", False))
+
+
 def item_prefix(index: int, count: int) -> str:
     """How a task's message names one input of several ("input 2: "); nothing for a lone input."""
     return f"input {index}: " if count > 1 else ""

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from model.tokenizer import AlbertTokenizer
 
-from ..errors import InvalidInput
+from ..errors import InvalidInput, PayloadTooLarge
 from .base import (
     STRICT,
     Decoded,
@@ -44,6 +44,7 @@ class ClassifyItem:
 class ClassifyParams:
     top_k: int | None = None  # None = all labels, best first
     function_to_apply: str | None = None  # softmax | sigmoid | none; None = the pipeline's default
+    truncate: bool = True  # False (TEI's /predict with truncate false): an input over the limit is a 413
 
 
 @dataclass
@@ -100,15 +101,23 @@ class ClassificationTask:
                 raise InvalidInput(
                     f"function_to_apply must be one of {', '.join(FUNCTIONS)}, got {params.function_to_apply!r}"
                 )
-        model_inputs = [self._encode(item, i, len(items)) for i, item in enumerate(items)]
+        model_inputs = [self._encode(item, i, len(items), params.truncate) for i, item in enumerate(items)]
         return Prepared(model_inputs=model_inputs, context=_Context(function=function, top_k=params.top_k))
 
-    def _encode(self, item: ClassifyItem, index: int, count: int) -> ModelInput:
+    def _encode(self, item: ClassifyItem, index: int, count: int, truncate: bool = True) -> ModelInput:
         if not item.text.strip():
             raise InvalidInput(f"{item_prefix(index, count)}text is empty or only whitespace")
         if item.text_pair is not None and not item.text_pair.strip():
             raise InvalidInput(f"{item_prefix(index, count)}text_pair is empty or only whitespace")
-        encoding = self.tokenizer.encode(item.text, item.text_pair, max_length=self.model_max_length)[0]
+        if truncate:
+            encoding = self.tokenizer.encode(item.text, item.text_pair, max_length=self.model_max_length)[0]
+        else:
+            encoding = self.tokenizer.encode(item.text, item.text_pair)[0]
+            if len(encoding.ids) > self.model_max_length:
+                raise PayloadTooLarge(
+                    f"{item_prefix(index, count)}the input has {len(encoding.ids)} tokens, more than the limit "
+                    f"of {self.model_max_length} (send truncate=true to cut it to the limit)"
+                )
         return ModelInput(
             input_ids=np.asarray(encoding.ids, dtype=np.int32),  # [L]
             token_type_ids=np.asarray(encoding.type_ids, dtype=np.int32),  # [L]

@@ -29,7 +29,18 @@ from tokenizers import Encoding, Tokenizer
 from model.tokenizer import AlbertTokenizer
 
 from ..errors import InvalidInput, PayloadTooLarge, ServiceError
-from .base import Decoded, Endpoint, ModelInput, ModelTask, Prepared, TruncationDirection, as_list, check_text
+from .base import (
+    Decoded,
+    Endpoint,
+    ModelInput,
+    ModelTask,
+    Prepared,
+    TruncationDirection,
+    as_list,
+    check_client_batch,
+    check_text,
+    truncate_or_default,
+)
 
 DEFAULT_MAX_TEXTS = 64  # the service's max_list_items default; pass the setting
 
@@ -61,9 +72,9 @@ class RerankRequest(BaseModel):
     raw_scores: StrictBool = Field(False, description="Return the model's logit instead of its sigmoid.")
     return_text: StrictBool = Field(False, description="Include each text in its entry.")
     truncate: StrictBool | None = Field(
-        False,
-        description="Cut pairs longer than the model's maximum (null: the default, false); without it a "
-        "too-long pair is a 413.",
+        None,
+        description="Cut pairs longer than the model's maximum; false: a too-long pair is a 413; null or "
+        "absent: the server's --auto-truncate (true unless set otherwise).",
     )
     # TEI's OpenAPI document spells the values "Left"/"Right" and defaults to "right": both are accepted.
     truncation_direction: TruncationDirection = Field(
@@ -223,11 +234,12 @@ class RerankTask:
 def decode(body: RerankRequest, settings) -> Decoded:
     query = check_text(body.query, "query")
     texts, _ = as_list(body.texts, settings.max_list_items, field="texts")
+    check_client_batch(len(texts), settings, "texts")
     texts = [check_text(text, f"texts[{i}]") for i, text in enumerate(texts)]
     params = RerankParams(
         raw_scores=body.raw_scores,
         return_text=body.return_text,
-        truncate=bool(body.truncate),
+        truncate=truncate_or_default(body.truncate, settings),
         truncation_direction=body.truncation_direction.lower(),
     )
     return Decoded([RerankItem(query, tuple(texts))], params, True)

@@ -58,6 +58,19 @@ def page_repos(make_repo) -> dict[str, str]:
     return {endpoint: str(make_repo(task, **kwargs)[0]) for endpoint, (task, kwargs) in SERVICE_REPOS.items()}
 
 
+def _splade(mlm: Path, directory: Path) -> Path:
+    """A SPLADE checkpoint as sentence-transformers 5's SparseEncoder saves it (task sparse-embed)."""
+    import warnings
+
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.models import MLMTransformer, SpladePooling
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        SparseEncoder(modules=[MLMTransformer(str(mlm)), SpladePooling()], device="cpu").save(str(directory))
+    return directory
+
+
 @pytest.fixture(scope="session")
 def more_tasks_file(make_repo, tmp_path_factory) -> Path:
     """A models file adding an embedder, an NLI classifier for zero-shot and a one-label cross-encoder.
@@ -71,11 +84,15 @@ def more_tasks_file(make_repo, tmp_path_factory) -> Path:
         "sequence-classification", labels=["contradiction", "neutral", "entailment"], **{**shallow, "seed": 7}
     )[0]
     cross = make_repo("sequence-classification", labels=["score"], **{**shallow, "seed": 8})[0]
+    splade = _splade(
+        make_repo("masked-lm", **{**shallow, "seed": 9})[0], tmp_path_factory.mktemp("pages-splade")
+    )
     path = tmp_path_factory.mktemp("pages-models") / "models.toml"
     path.write_text(
         f'[models.embed]\nsource = "{base}"\ntask = "embed"\n\n'
         f'[models.zero-shot]\nsource = "{nli}"\ntask = "zero-shot"\n\n'
-        f'[models.rerank]\nsource = "{cross}"\ntask = "rerank"\n'
+        f'[models.rerank]\nsource = "{cross}"\ntask = "rerank"\n\n'
+        f'[models.splade]\nsource = "{splade}"\n'
     )
     return path
 

@@ -248,6 +248,30 @@ def test_rerank_draws_one_bar_per_text_best_first(more_server, browser, more_cat
     assert_stayed_local(browser, more_server.url)
 
 
+def test_sparse_embed_draws_the_largest_terms_with_their_tokens(more_server, browser, more_catalog, tmp_path):
+    model = served(more_catalog, "sparse-embed")
+    text = "What is Deep Learning?"
+    open_playground(browser, more_server.url, model)
+    type_into(browser, "sparse-text", text)
+    run(browser)
+    assert shown_error(browser) is None
+    terms = api(more_server, more_catalog, model, {"inputs": text}).json()[0]
+    top = sorted(terms, key=lambda t: -t["value"])[:20]
+    wait(browser).until(
+        lambda d: d.find_element(By.CSS_SELECTOR, "#output .bars").get_attribute("data-decoded")
+    )
+    tokens = httpx.post(
+        more_server.url + "/decode",
+        json={"ids": [[t["index"]] for t in top], "skip_special_tokens": False, "model": model["name"]},
+        timeout=60,
+    ).json()
+    assert bars(browser) == [
+        (f"{token} (#{t['index']})", f"{t['value']:.4f}") for token, t in zip(tokens, top, strict=True)
+    ]
+    screenshot(browser, tmp_path / "sparse.png")
+    assert_stayed_local(browser, more_server.url)
+
+
 def test_error_message_is_shown_as_the_api_gives_it(server, browser, catalog, tmp_path):
     model = served(catalog, "classify")
     open_playground(browser, server.url, model)

@@ -178,7 +178,8 @@ def test_a_classifier_without_entailment_fails_alone(tasks_client):
         ("/embed", {"inputs": " "}, 422, ["inputs", "empty"]),
         ("/embed", {"inputs": []}, 422, ["inputs"]),
         ("/embed", {"inputs": ["a"] * 65}, 413, ["65", "64"]),
-        ("/embed", {"inputs": "word " * 400}, 413, ["160"]),
+        ("/embed", {"inputs": "word " * 400, "truncate": False}, 413, ["160"]),
+        ("/embed", {"inputs": ["a"] * 33}, 422, ["batch size 33", "32"]),
         (
             "/v1/embeddings",
             {"input": "a", "model": "st-mean", "encoding_format": "int8"},

@@ -32,7 +32,9 @@ async def ready(runtime: RuntimeDep):
 
 @router.get("/info", summary="Per model: task, source, state, architecture, labels, dtype, devices, buckets.")
 async def info(runtime: RuntimeDep) -> dict:
-    return runtime.info()
+    from ... import tei  # TEI's Info fields beside this service's own (tei imports the api package)
+
+    return {**runtime.info(), **tei.tei_info(runtime)}
 
 
 @router.get(

@@ -20,7 +20,19 @@ import numpy as np
 from model.tokenizer import AlbertTokenizer
 
 from ...errors import InvalidInput, PayloadTooLarge
-from ..base import Decoded, Endpoint, ModelInput, ModelTask, Prepared, as_list, check_text, item_prefix, where
+from ..base import (
+    Decoded,
+    Endpoint,
+    ModelInput,
+    ModelTask,
+    Prepared,
+    as_list,
+    check_client_batch,
+    check_text,
+    item_prefix,
+    truncate_or_default,
+    where,
+)
 from .layout import EmbeddingConfig, EmbeddingConfigError, read_embedding_config
 from .pooling import NORMALIZE_EPS
 from .schemas import (
@@ -248,15 +260,17 @@ def cosine_similarities(source_vec, vecs) -> list[float]:
 def _checked_texts(inputs: Any, settings, field: str) -> list:
     """The inputs as a list within max_list_items, each text checked (token id lists are checked by the task)."""
     items, single = as_list(inputs, settings.max_list_items, field)
+    check_client_batch(len(items), settings, field)
     return [check_text(x, where(i, single, field)) if isinstance(x, str) else x for i, x in enumerate(items)]
 
 
 def decode_embed(body: EmbedRequest, settings) -> Decoded:
     params = EmbedParams(
         normalize=body.normalize,
-        truncate=body.truncate,
+        truncate=truncate_or_default(body.truncate, settings),
         truncation_direction=body.truncation_direction.lower(),
         prompt_name=body.prompt_name,
+        dimensions=body.dimensions,
     )
     return Decoded(_checked_texts(body.inputs, settings, "inputs"), params, False)
 
@@ -270,7 +284,10 @@ def decode_openai(body: OpenAIEmbeddingsRequest, settings) -> Decoded:
     # A list of token ids is one input; a lone string too.
     items = body.items()
     inputs = body.input if isinstance(body.input, str) else items
-    params = EmbedParams(normalize=True, truncate=False, dimensions=body.dimensions)
+    # TEI's /v1/embeddings has no truncate field: --auto-truncate decides.
+    params = EmbedParams(
+        normalize=True, truncate=truncate_or_default(None, settings), dimensions=body.dimensions
+    )
     return Decoded(_checked_texts(inputs, settings, "input"), params, False, reply)
 
 
@@ -285,13 +302,14 @@ def encode_openai(answers: list, decoded: Decoded, extras: dict, model: str) -> 
 
 def decode_similarity(body: SimilarityRequest, settings) -> Decoded:
     as_list(body.inputs.sentences, settings.max_list_items, "inputs.sentences")
+    check_client_batch(len(body.inputs.sentences), settings, "inputs.sentences")
     check_text(body.inputs.source_sentence, "inputs.source_sentence")
     for i, text in enumerate(body.inputs.sentences):
         check_text(text, f"inputs.sentences[{i}]")
     p = body.parameters or SimilarityParameters()
     params = EmbedParams(
         normalize=False,
-        truncate=p.truncate,
+        truncate=truncate_or_default(p.truncate, settings),
         truncation_direction=p.truncation_direction.lower(),
         prompt_name=p.prompt_name,
     )

@@ -263,8 +263,15 @@ def _read_dense(path: Path, in_features_expected: int | None) -> DenseLayer:
     return DenseLayer(in_features, out_features, activation, weight, bias, path)
 
 
-def _read_transformer(path: Path, modules_json: Path) -> tuple[int | None, bool]:
-    """max_seq_length and do_lower_case of the Transformer module at `path`."""
+def _read_transformer(
+    path: Path,
+    modules_json: Path,
+    *,
+    transformer_task: str = "feature-extraction",
+    method_output: str = "last_hidden_state",
+) -> tuple[int | None, bool]:
+    """max_seq_length and do_lower_case of the Transformer module at `path` (an MLMTransformer's: with
+    transformer_task "fill-mask" and method_output "logits")."""
     if not (path / "config.json").is_file():
         raise EmbeddingConfigError(
             f"{modules_json}: the Transformer module's directory {path} has no config.json",
@@ -275,10 +282,10 @@ def _read_transformer(path: Path, modules_json: Path) -> tuple[int | None, bool]
     if config_path is None:
         return None, False
     config = _json_object(config_path)
-    task = config.get("transformer_task", "feature-extraction")
-    if task != "feature-extraction":
+    task = config.get("transformer_task", transformer_task)
+    if task != transformer_task:
         raise EmbeddingConfigError(
-            f"{config_path}: transformer_task {task!r} is not supported (only feature-extraction)",
+            f"{config_path}: transformer_task {task!r} is not supported (only {transformer_task})",
             file=config_path,
             field="transformer_task",
         )
@@ -290,10 +297,10 @@ def _read_transformer(path: Path, modules_json: Path) -> tuple[int | None, bool]
             field="module_output_name",
         )
     text = (config.get("modality_config") or {}).get("text") or {}
-    if text.get("method_output_name", "last_hidden_state") != "last_hidden_state":
+    if text.get("method_output_name", method_output) != method_output:
         raise EmbeddingConfigError(
             f"{config_path}: modality_config.text.method_output_name {text['method_output_name']!r} is not "
-            "supported (only last_hidden_state)",
+            f"supported (only {method_output})",
             file=config_path,
             field="modality_config",
         )
@@ -328,16 +335,20 @@ def _hidden_size(backbone_dir: Path) -> int | None:
     return value if isinstance(value, int) else None
 
 
-def _read_prompts(directory: Path) -> tuple[dict[str, str], str | None, str | None]:
+def _read_prompts(
+    directory: Path, *, model_type: str = "SentenceTransformer"
+) -> tuple[dict[str, str], str | None, str | None]:
+    """(prompts, default prompt name, similarity function) of config_sentence_transformers.json, whose
+    model_type must be `model_type` (SparseEncoder for sparse.py)."""
     prompts = dict(_DEFAULT_PROMPTS)
     path = directory / "config_sentence_transformers.json"
     if not path.is_file():
         return prompts, None, None
     config = _json_object(path)
-    model_type = config.get("model_type", "SentenceTransformer")
-    if model_type != "SentenceTransformer":
+    saved_type = config.get("model_type", model_type)
+    if saved_type != model_type:
         raise EmbeddingConfigError(
-            f"{path}: model_type {model_type!r} is not supported (only SentenceTransformer)",
+            f"{path}: model_type {saved_type!r} is not supported here (only {model_type})",
             file=path,
             field="model_type",
         )
@@ -360,14 +371,19 @@ def _read_prompts(directory: Path) -> tuple[dict[str, str], str | None, str | No
     return prompts, default, similarity if isinstance(similarity, str) else None
 
 
-def _module_kind(entry: Any, index: int, path: Path) -> str:
+def _module_kind_name(entry: Any, index: int, path: Path) -> str:
+    """A modules.json entry's class name (its `type`'s last part)."""
     if not isinstance(entry, dict) or not isinstance(entry.get("type"), str):
         raise EmbeddingConfigError(
             f"{path}: module {index} must be an object with a string 'type', got {entry!r}",
             file=path,
             field=f"[{index}].type",
         )
-    kind = entry["type"].rsplit(".", 1)[-1]
+    return entry["type"].rsplit(".", 1)[-1]
+
+
+def _module_kind(entry: Any, index: int, path: Path) -> str:
+    kind = _module_kind_name(entry, index, path)
     if kind not in ("Transformer", "Pooling", "Dense", "Normalize", "Dropout"):
         raise EmbeddingConfigError(
             f"{path}: module {index} has type {entry['type']!r}, which is not supported "

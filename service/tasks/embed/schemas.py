@@ -31,8 +31,13 @@ class EmbedRequest(BaseModel):
     )
     inputs: str | list[str] = Field(description="A text or a list of texts.", min_length=1)
     normalize: StrictBool = Field(True, description="L2-normalize each embedding.")
-    truncate: StrictBool = Field(
-        False, description="Cut inputs over the model's limit; false: such an input is a 413."
+    dimensions: StrictInt | None = Field(
+        None, ge=1, description="Keep the first n values of each embedding (then normalize), as TEI's."
+    )
+    truncate: StrictBool | None = Field(
+        None,
+        description="Cut inputs over the model's limit; false: such an input is a 413; by default the "
+        "server's --auto-truncate (true unless set otherwise).",
     )
     truncation_direction: TruncationDirection = Field(
         "right", description="Which end to cut when truncating: right (the end) or left (the beginning)."
@@ -121,7 +126,10 @@ class SimilarityInputs(BaseModel):
 class SimilarityParameters(BaseModel):
     model_config = _STRICT
     prompt_name: str | None = Field(None, description="A prompt of the model to prepend to every sentence.")
-    truncate: StrictBool = Field(False, description="Cut sentences over the limit; false: a 413.")
+    truncate: StrictBool | None = Field(
+        None,
+        description="Cut sentences over the limit; false: a 413; by default the server's --auto-truncate.",
+    )
     truncation_direction: TruncationDirection = Field("right", description="Which end to cut.")
 
 

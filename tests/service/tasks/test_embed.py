@@ -479,7 +479,11 @@ def test_request_schemas():
     settings = Settings()
     request = EmbedRequest(inputs="hello", truncation_direction="Left", prompt_name="query")
     assert request.items() == ["hello"]
-    assert decode_embed(request, settings).params == EmbedParams(True, False, "left", "query", None)
+    # No truncate in the request: the server's --auto-truncate (true by default, as TEI's) decides.
+    assert decode_embed(request, settings).params == EmbedParams(True, True, "left", "query", None)
+    strict = Settings(auto_truncate=False)
+    assert decode_embed(request, strict).params.truncate is False
+    assert decode_embed(request.model_copy(update={"truncate": True}), strict).params.truncate is True
     assert decode_embed(EmbedRequest(inputs=["a", "b"], normalize=False), settings).params.normalize is False
     for bad in (
         {"inputs": []},
@@ -490,7 +494,7 @@ def test_request_schemas():
             EmbedRequest(**bad)
     openai = OpenAIEmbeddingsRequest(input=["a", "b"], model="m", encoding_format="base64", dimensions=3)
     assert openai.items() == ["a", "b"]
-    assert decode_openai(openai, settings).params == EmbedParams(dimensions=3)
+    assert decode_openai(openai, settings).params == EmbedParams(truncate=True, dimensions=3)
     with pytest.raises(ValidationError):
         OpenAIEmbeddingsRequest(input="a", encoding_format="hex")
     similarity = SimilarityRequest(inputs={"source_sentence": "s", "sentences": ["a", "b"]})

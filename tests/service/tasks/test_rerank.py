@@ -309,7 +309,8 @@ def test_unknown_truncation_direction_is_invalid(setup0):
 
 def test_request_schema_defaults_and_forms():
     request = RerankRequest.model_validate({"query": "q", "texts": ["a", "b"]})
-    assert (request.raw_scores, request.return_text, request.truncate) == (False, False, False)
+    # truncate absent: None, so the server's --auto-truncate decides (TEI's `unwrap_or(auto_truncate)`).
+    assert (request.raw_scores, request.return_text, request.truncate) == (False, False, None)
     assert request.truncation_direction == "right"
     assert request.model is None
     request = RerankRequest.model_validate(
