@@ -139,7 +139,9 @@ def test_bad_rows_get_an_error_and_the_others_their_answers(tmp_path, batch_flag
     values = ["Marie Curie worked in Paris.", "", 5, None, ["a list"], "ok", "word " * 400]
     source = tmp_path / "in.jsonl"
     source.write_text("".join(json.dumps({"text": v}) + "\n" for v in values))
-    assert batch([str(source), str(tmp_path / "out"), "--model", "embed", *batch_flags]) == 0
+    # truncate: false, so that the over-long text is an error (413) rather than cut.
+    options = ["--options", '{"truncate": false}']
+    assert batch([str(source), str(tmp_path / "out"), "--model", "embed", *options, *batch_flags]) == 0
     table = read_output(tmp_path / "out").to_pylist()
     assert len(table) == len(values)
     errors = [row["error"] for row in table]
@@ -155,7 +157,8 @@ def test_bad_rows_get_an_error_and_the_others_their_answers(tmp_path, batch_flag
         assert all(table[j]["embedding"] is None for j in range(len(values)) if j not in answered)
     # The endpoint refuses the empty and the over-long text too.
     assert endpoints.post("/embed", json={"inputs": values[1], "model": "embed"}).status_code == 422
-    assert endpoints.post("/embed", json={"inputs": [values[6]], "model": "embed"}).status_code == 413
+    too_long = {"inputs": [values[6]], "model": "embed", "truncate": False}
+    assert endpoints.post("/embed", json=too_long).status_code == 413
 
 
 def test_a_different_model_or_input_in_the_same_output_is_refused(tmp_path, batch_flags, capsys):
