@@ -63,15 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output-prefix", default="", help="before each answer column's name (where the input has one)"
     )
-    parser.add_argument(
-        "--ray",
-        nargs="?",
-        const="local",
-        default=None,
-        metavar="ADDRESS",
-        help="run on Ray Data: `local` starts a local Ray, or an existing cluster's address (ray://host:10001, auto)",
-    )
-    parser.add_argument("--ray-actors", type=int, default=1, help="--ray: model actors (each one engine)")
     return parser
 
 
@@ -142,14 +133,6 @@ def _run(args, rest: list[str]) -> int:
         spec = resolve_model(args.model, args.task, settings)
     except (SourceError, ConfigError) as exc:
         raise _Refused(str(exc)) from None
-
-    if args.ray is not None:
-        from .ray_job import run_on_ray
-
-        try:
-            return run_on_ray(args, settings, source, spec, columns, options)
-        except (JobRefused, SourceError) as exc:
-            raise _Refused(str(exc)) from None
 
     from ..runtime import Runtime
     from .answering import RowAnswerer
