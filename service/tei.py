@@ -376,6 +376,7 @@ async def decode(body: DecodeRequest, runtime: RuntimeDep, _: AuthDep):
 
 @router.post(
     "/",
+    include_in_schema=False,  # "/" is the playground's page in the API docs' eyes; the README lists this route
     summary="TEI's root route (what InferenceClient(model=base_url) posts to): the default model of /info "
     "answers in its task's Inference API shape, as POST /models/{name}.",
     responses=ERRORS,

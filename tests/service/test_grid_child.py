@@ -95,7 +95,7 @@ def test_the_grid_lands_from_the_child_and_nothing_compiles_in_the_server_after_
     assert compiled_here == 0
     assert compiles_since_ready == 0  # every program the child made was a cache read here
     assert _wait_gone(child)  # the child exits once the grid is in the cache
-    # Each came as the child's serialized executable (no tracing here), none from the fallback paths.
+    # None came from the fallback paths.
     assert "could not" not in server.log()
     assert server.terminate(HANG_S) == 0
 
