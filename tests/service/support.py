@@ -143,3 +143,15 @@ class ServiceProcess:
             self.process.kill()
             self.process.wait()
         self._log.close()
+
+
+def models_file_runtime(path, **settings):
+    """A Runtime serving only the models of the models file at `path`, on SMALL_GRID, every program compiled
+    (started in the foreground); the caller stops it."""
+    from service.runtime import Runtime
+    from service.settings import Settings
+
+    values = dict(SMALL_GRID, classify_model=None, fill_mask_model=None, qa_model=None, ner_model=None)
+    runtime = Runtime(Settings(**{**values, **settings, "models_file": str(path)}))
+    runtime.start(background=False)
+    return runtime

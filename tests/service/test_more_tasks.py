@@ -14,9 +14,7 @@ from embed_builders import SHALLOW, build_backbone, build_sentence_transformer
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.runtime import Runtime
-from service.settings import Settings
-from tests.service.support import SMALL_GRID, ServiceProcess, settings_env
+from tests.service.support import SMALL_GRID, ServiceProcess, models_file_runtime, settings_env
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -65,17 +63,8 @@ def _models_toml(repos) -> str:
 def tasks_client(task_repos, tmp_path_factory):
     path = tmp_path_factory.mktemp("more-tasks-config") / "models.toml"
     path.write_text(_models_toml(task_repos))
-    settings = Settings(
-        **SMALL_GRID,
-        models_file=str(path),
-        classify_model=None,
-        fill_mask_model=None,
-        qa_model=None,
-        ner_model=None,
-    )
-    runtime = Runtime(settings)
-    runtime.start(background=False)
-    with TestClient(create_app(settings, runtime=runtime, start_runtime=False)) as client:
+    runtime = models_file_runtime(path)
+    with TestClient(create_app(runtime.settings, runtime=runtime, start_runtime=False)) as client:
         yield client
     runtime.stop()
 

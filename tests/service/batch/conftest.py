@@ -8,9 +8,7 @@ from embed_builders import SHALLOW, build_backbone, build_sentence_transformer
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.runtime import Runtime
-from service.settings import Settings
-from tests.service.support import SMALL_GRID
+from tests.service.support import SMALL_GRID, models_file_runtime
 
 NLI_LABELS = ["contradiction", "neutral", "entailment"]
 
@@ -63,17 +61,8 @@ def batch_flags(batch_models_file, batch_cache) -> list[str]:
 @pytest.fixture(scope="session")
 def endpoints(batch_models_file):
     """The service's own answers on the same models (TestClient against the app)."""
-    settings = Settings(
-        **SMALL_GRID,
-        models_file=str(batch_models_file),
-        classify_model=None,
-        fill_mask_model=None,
-        qa_model=None,
-        ner_model=None,
-    )
-    runtime = Runtime(settings)
-    runtime.start(background=False)
+    runtime = models_file_runtime(batch_models_file)
     assert not runtime.failed, runtime.failed
-    with TestClient(create_app(settings, runtime=runtime, start_runtime=False)) as client:
+    with TestClient(create_app(runtime.settings, runtime=runtime, start_runtime=False)) as client:
         yield client
     runtime.stop()

@@ -9,9 +9,7 @@ from embed_builders import SHALLOW, build_backbone, build_sentence_transformer
 from fastapi.testclient import TestClient
 
 from service.app import create_app
-from service.runtime import Runtime
-from service.settings import Settings
-from tests.service.support import SMALL_GRID
+from tests.service.support import models_file_runtime
 from tests.service.tei.tei_schema import LABELS, models_toml
 
 
@@ -35,16 +33,7 @@ def tei_repos(tmp_path_factory, spiece_model, make_repo):
 def tei_runtime(tei_repos, tmp_path_factory):
     path = tmp_path_factory.mktemp("tei-config") / "models.toml"
     path.write_text(models_toml(tei_repos))
-    settings = Settings(
-        **SMALL_GRID,
-        models_file=str(path),
-        classify_model=None,
-        fill_mask_model=None,
-        qa_model=None,
-        ner_model=None,
-    )
-    runtime = Runtime(settings)
-    runtime.start(background=False)
+    runtime = models_file_runtime(path)
     yield runtime
     runtime.stop()
 

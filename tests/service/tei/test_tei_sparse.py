@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.runtime import Runtime
 from service.settings import Settings
-from tests.service.support import SMALL_GRID
+from tests.service.support import SMALL_GRID, models_file_runtime
 from tests.service.tei.tei_schema import assert_tei_schema
 
 TEXTS = ["The quick brown fox jumps over the lazy dog.", "Marie Curie worked in Paris.", "terrible, awful!"]
@@ -50,17 +50,8 @@ def sparse_client(splade_repos, tmp_path_factory):
         f'[models.splade-sum]\nsource = "{splade_repos["splade-sum"]}"\n'
         f'[models.st]\nsource = "{splade_repos["st"]}"\n'
     )
-    settings = Settings(
-        **SMALL_GRID,
-        models_file=str(path),
-        classify_model=None,
-        fill_mask_model=None,
-        qa_model=None,
-        ner_model=None,
-    )
-    runtime = Runtime(settings)
-    runtime.start(background=False)
-    with TestClient(create_app(settings, runtime=runtime, start_runtime=False)) as client:
+    runtime = models_file_runtime(path)
+    with TestClient(create_app(runtime.settings, runtime=runtime, start_runtime=False)) as client:
         yield client
     runtime.stop()
 
