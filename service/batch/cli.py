@@ -63,6 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--output-prefix", default="", help="before each answer column's name (where the input has one)"
     )
+    ray = parser.add_argument_group("Ray (pip install -e '.[batch]')")
+    ray.add_argument(
+        "--ray",
+        default=None,
+        metavar="ADDRESS",
+        help="run on Ray: `local` starts one on this machine; `auto` joins the cluster this machine runs (or the "
+        "one `ray job submit` runs the job in); ray://host:10001 or host:6379 joins that cluster",
+    )
+    ray.add_argument(
+        "--ray-actors", type=int, default=None, help="actors answering rows (default: one per alive node)"
+    )
+    ray.add_argument(
+        "--ray-actor-cpus",
+        type=float,
+        default=None,
+        help="CPUs each actor reserves (default: the smallest node's CPUs: one engine per node)",
+    )
     return parser
 
 
@@ -114,7 +131,7 @@ def _run(args, rest: list[str]) -> int:
     from ..models import ConfigError
     from ..settings import load_settings
     from .answering import Columns
-    from .job import JobPlan, JobRefused, Progress, run_chunks
+    from .job import JobRefused, Progress, run_chunks
     from .sources import SourceError, open_source
 
     try:
@@ -134,6 +151,9 @@ def _run(args, rest: list[str]) -> int:
     except (SourceError, ConfigError) as exc:
         raise _Refused(str(exc)) from None
 
+    if args.ray is not None:
+        return _run_on_ray(args, settings, spec, source, columns, options)
+
     from ..runtime import Runtime
     from .answering import RowAnswerer
 
@@ -146,20 +166,7 @@ def _run(args, rest: list[str]) -> int:
         if served.state != "ready":
             print(f"albert-serve batch: model {spec.name} failed: {served.reason}", file=sys.stderr)
             return 1
-        plan = JobPlan(
-            source,
-            Path(args.output),
-            spec,
-            served.task,
-            columns,
-            options,
-            args.chunk_rows,
-            args.output_prefix,
-        )
-        try:
-            plan.prepare_output()
-        except (JobRefused, OSError) as exc:
-            raise _Refused(str(exc)) from None
+        plan = _prepared_plan(args, source, spec, served.task, columns, options)
         log.info("model %s (%s) ready in %.1fs", spec.name, served.task, time.monotonic() - begin)
         progress = Progress(source.count_rows())
         answerer = RowAnswerer(runtime, served, columns, options, in_flight=in_flight_groups(settings))
@@ -171,15 +178,83 @@ def _run(args, rest: list[str]) -> int:
             progress.close()
     finally:
         runtime.stop()
+    _log_done(begin, progress, args.output)
+    return 0
+
+
+def _prepared_plan(args, source, spec, task: str, columns, options: dict):
+    """The job's plan, with OUTPUT checked against it (a mismatch refused) and its manifest written."""
+    from .job import JobPlan, JobRefused
+
+    plan = JobPlan(
+        source, Path(args.output), spec, task, columns, options, args.chunk_rows, args.output_prefix
+    )
+    try:
+        plan.prepare_output()
+    except (JobRefused, OSError) as exc:
+        raise _Refused(str(exc)) from None
+    return plan
+
+
+def _run_on_ray(args, settings, spec, source, columns, options: dict) -> int:
+    try:
+        import ray
+    except ImportError:
+        raise _Refused("--ray needs Ray: pip install -e '.[batch]' (or pip install 'ray[data]')") from None
+    from .job import JobRefused, Progress
+    from .ray_job import connect, run_on_ray
+    from .sources import SourceError
+
+    if spec.task is None:  # the driver writes the manifest before any actor has loaded the model
+        raise _Refused(f"--ray: name the task of {spec.source!r} with --task (it is not a local checkpoint)")
+    if args.ray_actors is not None and args.ray_actors < 1:
+        raise _Refused(f"--ray-actors must be at least 1, got {args.ray_actors}")
+    if args.ray_actor_cpus is not None and args.ray_actor_cpus <= 0:
+        raise _Refused(f"--ray-actor-cpus must be positive, got {args.ray_actor_cpus}")
+    begin = time.monotonic()
+    plan = _prepared_plan(args, source, spec, spec.task, columns, options)
+    try:
+        started = connect(args.ray)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        raise _Refused(f"--ray {args.ray}: cannot connect ({exc})") from None
+    progress = Progress(source.count_rows())
+    try:
+        run_on_ray(plan, settings, progress, actors=args.ray_actors, actor_cpus=args.ray_actor_cpus)
+    except (JobRefused, SourceError) as exc:
+        raise _Refused(str(exc)) from None
+    except ray.exceptions.RayActorError as exc:
+        failed = _actor_start_failure(exc)
+        if failed is None:
+            raise
+        print(f"albert-serve batch: {failed}", file=sys.stderr)
+        return 1
+    finally:
+        progress.close()
+        if started:
+            ray.shutdown()
+    _log_done(begin, progress, args.output)
+    return 0
+
+
+def _actor_start_failure(exc: BaseException) -> str | None:
+    """Why a Ray actor could not start (its model failed to load there), from Ray's error; None for any other
+    fault."""
+    if not getattr(exc, "actor_init_failed", False):
+        return None
+    lines = [line.strip() for line in str(getattr(exc, "error_msg", exc)).splitlines() if line.strip()]
+    reason = next((line for line in reversed(lines) if "ModelFailed: " in line), lines[-1] if lines else "")
+    return reason.split("ModelFailed: ", 1)[-1] or str(exc)
+
+
+def _log_done(begin: float, progress, output: str) -> None:
     log.info(
         "batch done in %.1fs: %d row(s) answered (%d with an error), %d already done, into %s",
         time.monotonic() - begin,
         progress.done,
         progress.errors,
         progress.skipped,
-        args.output,
+        output,
     )
-    return 0
 
 
 def in_flight_groups(settings) -> int:

@@ -132,8 +132,8 @@ class JobPlan:
             )
 
 
-def answered_table(plan: JobPlan, table: pa.Table, columns: dict[str, pa.Array]) -> pa.Table:
-    names = plan.output_names()
+def answered_table(table: pa.Table, columns: dict[str, pa.Array], names: dict[str, str]) -> pa.Table:
+    """`table` with the answer columns added, each under its output name."""
     for name, array in columns.items():
         table = table.append_column(pa.field(names[name], array.type), array)
     return table
@@ -220,7 +220,9 @@ async def run_chunks(plan: JobPlan, answerer, progress: Progress) -> None:
         i, table, answering = pending.popleft()
         answers, errors = await answering
         columns = answerer.to_arrow(answers, errors)
-        await asyncio.to_thread(write_part, plan.output, i, answered_table(plan, table, columns))
+        await asyncio.to_thread(
+            write_part, plan.output, i, answered_table(table, columns, plan.output_names())
+        )
         progress.chunk(i, table.num_rows, sum(e is not None for e in errors))
 
     try:
