@@ -9,7 +9,11 @@ texts of 6-40 words, in one run:
    sending 32 texts a request for `--duration` seconds (texts/s);
 3. `albert-serve batch` on a JSON-lines file of `--rows` texts, in its own process, on the same compilation
    cache: texts/s with start-up and without it (from its log), its peak resident memory;
-4. the ratios: batch / service (targets: >= 1.0x with start-up, >= 1.3x without) and the roofline fraction.
+4. the same job with `--ray local` (a Ray started by the job, one actor): texts/s with everything included
+   (Ray's start, the actor's engine) and in its steady state (between its first and last chunk);
+5. the ratios: batch / service (targets: >= 1.0x with start-up, >= 1.3x without) and the roofline fraction;
+6. memory against input size: the job's peak resident memory on `--memory-rows` rows (10k and 100k) of a
+   small checkpoint of the same layout (the model's cost is not what grows with the input; rows are).
 """
 
 from __future__ import annotations
@@ -80,11 +84,11 @@ def service_texts_per_s(directory: Path, sentences: list[str], duration: float) 
         server.stop()
 
 
-def batch_job(directory: Path, source: Path, output: Path) -> dict:
+def batch_job(directory: Path, source: Path, output: Path, *extra: str) -> dict:
     command = [
         "/usr/bin/time", "-f", "maxrss_kb=%M",
         sys.executable, "-m", "service", "batch", str(source), str(output), "--model", str(directory),
-        "--compilation-cache-dir", str(CACHE / "jax"), "--log-level", "info",
+        "--compilation-cache-dir", str(CACHE / "jax"), "--log-level", "info", *extra,
     ]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if k not in [model_env_var(e) for e in ENDPOINTS]}
     start = time.monotonic()
@@ -93,15 +97,48 @@ def batch_job(directory: Path, source: Path, output: Path) -> dict:
     if finished.returncode != 0:
         raise RuntimeError(f"batch job failed:\n{finished.stderr[-3000:]}")
     ready_at = None
+    chunks = []  # (time, rows) of each chunk's log line
     for line in finished.stderr.splitlines():
         try:
             record = json.loads(line)
         except ValueError:
             continue
-        if record.get("msg", "").startswith("model ") and " ready in " in record["msg"]:
-            ready_at = float(record["msg"].rsplit(" ready in ", 1)[1].rstrip("s"))
+        message = record.get("msg", "")
+        if message.startswith("model ") and " ready in " in message:
+            ready_at = float(message.rsplit(" ready in ", 1)[1].rstrip("s"))
+        if message.startswith("chunk "):
+            stamp = time.mktime(time.strptime(record["ts"][:19], "%Y-%m-%dT%H:%M:%S")) + float(
+                record["ts"][19:23]
+            )
+            chunks.append((stamp, int(message.split(": ", 1)[1].split(" rows", 1)[0])))
+    # Steady state: the rows of every chunk after the first, over the time from the first chunk to the last.
+    steady = sum(r for _, r in chunks[1:]) / (chunks[-1][0] - chunks[0][0]) if len(chunks) > 2 else None
     maxrss = next(int(x.split("=")[1]) for x in finished.stderr.splitlines() if x.startswith("maxrss_kb="))
-    return {"wall_s": wall, "startup_s": ready_at, "maxrss_mb": maxrss / 1024}
+    return {"wall_s": wall, "startup_s": ready_at, "maxrss_mb": maxrss / 1024, "steady_texts_s": steady}
+
+
+def memory_against_rows(counts: list[int], work: Path) -> list[tuple[int, float, float]]:
+    """(rows, peak RSS MB, seconds) of a job on `rows` texts of a small checkpoint."""
+    small = build_checkpoint(
+        CACHE / "models",
+        "embed-small",
+        hidden_size=128,
+        num_attention_heads=2,
+        intermediate_size=256,
+        embedding_size=64,
+        num_hidden_layers=2,
+    )
+    sentences = [body["inputs"] for body in texts.requests("classify", 4096, seed=2)]
+    results = []
+    for rows in counts:
+        source = work / f"memory-{rows}.jsonl"
+        with source.open("w") as handle:
+            for i in range(rows):
+                handle.write(json.dumps({"id": i, "text": sentences[i % len(sentences)]}) + "\n")
+        job = batch_job(small, source, work / f"memory-{rows}-{time.strftime('%Y%m%d-%H%M%S')}")
+        results.append((rows, job["maxrss_mb"], job["wall_s"]))
+        print(f"memory: {rows} rows, peak RSS {job['maxrss_mb']:.0f} MB, {job['wall_s']:.0f}s", flush=True)
+    return results
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -110,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--rows", type=int, default=2048, help="texts in the batch job's input")
     parser.add_argument("--duration", type=float, default=30.0, help="seconds of /embed load on the service")
+    parser.add_argument("--no-ray", action="store_true", help="leave out the job on a local Ray")
+    parser.add_argument(
+        "--memory-rows", default="10000,100000", help="row counts of the memory runs ('' to leave them out)"
+    )
     args = parser.parse_args(argv)
     print(f"uptime before: {uptime()}", flush=True)
     for variable in [model_env_var(e) for e in ENDPOINTS] + ["ALBERT_MODELS_FILE", "ALBERT_MODELS"]:
@@ -132,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     source = work / f"input-{args.rows}.jsonl"
     source.write_text("".join(json.dumps({"text": s}) + "\n" for s in sentences))
     output = work / f"output-{time.strftime('%Y%m%d-%H%M%S')}"
-    job = batch_job(directory, source, output)
+    chunk_rows = ["--chunk-rows", str(max(args.rows // 8, 1))]  # several chunks: a steady state to measure
+    job = batch_job(directory, source, output, *chunk_rows)
     with_startup = args.rows / job["wall_s"]
     without = args.rows / (job["wall_s"] - (job["startup_s"] or 0.0))
     print(
@@ -140,14 +182,27 @@ def main(argv: list[str] | None = None) -> int:
         f"peak RSS {job['maxrss_mb']:.0f} MB",
         flush=True,
     )
-    print("\n| way | texts/s | vs service | useful GFLOP/s (% of roofline) |\n|---|---|---|---|")
-    for name, rate in [
+    ways = [
         (f"service /embed c={CLIENTS}x{PER_REQUEST}", served),
         ("batch, start-up included", with_startup),
         ("batch, start-up excluded", without),
-    ]:
+    ]
+    if not args.no_ray:
+        on_ray = batch_job(directory, source, Path(f"{output}-ray"), *chunk_rows, "--ray", "local")
+        print(f"batch job on a local Ray: {args.rows} texts in {on_ray['wall_s']:.1f}s", flush=True)
+        ways.append(("batch on local Ray, everything included", args.rows / on_ray["wall_s"]))
+        if on_ray["steady_texts_s"]:
+            ways.append(("batch on local Ray, steady (first to last chunk)", on_ray["steady_texts_s"]))
+    memory = memory_against_rows([int(n) for n in args.memory_rows.split(",") if n.strip()], work)
+
+    print("\n| way | texts/s | vs service | useful GFLOP/s (% of roofline) |\n|---|---|---|---|")
+    for name, rate in ways:
         useful = rate * flop_per_text
         print(f"| {name} | {rate:.1f} | {rate / served:.2f}x | {useful / 1e9:.0f} ({useful / roof:.0%}) |")
+    if memory:
+        print("\n| rows (small checkpoint) | peak RSS MB | seconds |\n|---|---|---|")
+        for rows, rss, seconds in memory:
+            print(f"| {rows} | {rss:.0f} | {seconds:.0f} |")
     print(f"\nuptime after: {uptime()}")
     return 0
 

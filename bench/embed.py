@@ -34,9 +34,10 @@ from .run import CACHE, ROOT, Flops, Server, _cpu_name, drive, matmul_roofline, 
 BASELINE_PORT, OURS_PORT = 8721, 8722
 
 
-def build_checkpoint(root: Path) -> Path:
-    """The sentence-transformers directory (built once; reused when present)."""
-    directory = root / "embed"
+def build_checkpoint(root: Path, name: str = "embed", **shape) -> Path:
+    """The sentence-transformers directory (built once; reused when present): albert-base-v2's shape, or that
+    shape with `shape`'s config values instead."""
+    directory = root / name
     if (directory / "modules.json").is_file():
         return directory
     import torch
@@ -47,8 +48,10 @@ def build_checkpoint(root: Path) -> Path:
     tokenizer_dir = root / "tokenizer"
     if not (tokenizer_dir / "tokenizer.json").is_file():
         checkpoint.build_tokenizer(tokenizer_dir)
-    backbone = root / "embed-backbone"
-    values = dict(PRESETS["albert-base-v2"], vocab_size=checkpoint.VOCAB_SIZE, architectures=["AlbertModel"])
+    backbone = root / f"{name}-backbone"
+    values = dict(
+        PRESETS["albert-base-v2"], vocab_size=checkpoint.VOCAB_SIZE, architectures=["AlbertModel"], **shape
+    )
     torch.manual_seed(0)
     transformers.AlbertModel(transformers.AlbertConfig(**values)).eval().save_pretrained(
         str(backbone), safe_serialization=True

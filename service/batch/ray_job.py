@@ -176,6 +176,11 @@ def run_on_ray(
     if first is None:
         raise SourceError(f"{plan.source.location}: no rows")
     plan.check_columns(first)
+    # Ray merges the blocks a read yields up to this size before passing them on (128 MiB by default: a
+    # million short texts, all sent to one actor at the end of the read). About a chunk's size keeps chunks
+    # apart, so they stream to every actor and back; a chunk cut in two or sharing a block is still
+    # written whole (the driver gathers its rows by tag).
+    context.target_max_block_size = max(first.nbytes, 1 << 16)
     finished = {int(path.stem.split("-")[1]): path for path in plan.output.glob("part-*.parquet")}
     for index, path in sorted(finished.items()):
         progress.chunk(index, pq.ParquetFile(path).metadata.num_rows, 0, skipped=True)
@@ -199,7 +204,7 @@ def run_on_ray(
             "options": plan.options,
             "names": names,
         },
-        batch_size=None,  # one block = one chunk
+        batch_size=plan.chunk_rows,  # a chunk's rows a call (rows carry their chunk's tag wherever they go)
         batch_format="pyarrow",
         zero_copy_batch=True,
         # Two chunks at once per actor, as in-process: the next one's rows queue while the last groups of one
