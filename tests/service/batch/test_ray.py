@@ -12,22 +12,18 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from service.batch.cli import main as batch
 
+from .test_batch import TEXTS as BATCH_TEXTS
+
 ray = pytest.importorskip("ray")  # the test extra installs it; CI runs these
 
 ROOT = Path(__file__).resolve().parents[3]
-TEXTS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Marie Curie worked in Paris.",
-    "terrible, awful, bad!",
-    "A much longer sentence about the weather in Lisbon, which was sunny for most of the week in May.",
-    "ok",
-    "Rain again in Manchester.",
-]
+TEXTS = [*BATCH_TEXTS, "Rain again in Manchester."]
 
 
 def _parts(directory: Path) -> list[str]:
@@ -95,7 +91,7 @@ def ray_cluster():
 def test_a_ray_cluster_job_resumes_an_in_process_output(tmp_path, batch_flags, ray_cluster):
     rows = [{"text": t, "pair": p} for t, p in zip(TEXTS * 2, TEXTS[::-1] * 2, strict=True)]
     source = tmp_path / "in.parquet"
-    pq.write_table(__import__("pyarrow").Table.from_pylist(rows), source)
+    pq.write_table(pa.Table.from_pylist(rows), source)
     args = [str(source), "--model", "classify", "--pair-column", "pair", "--chunk-rows", "5", *batch_flags]
     reference, output = tmp_path / "reference", tmp_path / "out"
     assert batch([args[0], str(reference), *args[1:]]) == 0
