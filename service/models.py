@@ -17,6 +17,7 @@ from pathlib import Path
 
 import tomllib
 
+from .hardware import AUTO, resolve_dtype
 from .settings import DEFAULT_MODELS, MODEL_FIELDS, Settings
 from .tasks import DEFAULT_TASK_OF_ARCHITECTURE, TASKS
 
@@ -156,6 +157,8 @@ def _checked(entries: list[ModelSpec]) -> list[ModelSpec]:
             raise ConfigError(
                 f"{spec.origin}: unknown task {spec.task!r}; expected one of {', '.join(TASKS)}"
             )
+        if spec.dtype == AUTO:  # what this machine runs fastest (service/hardware.py)
+            spec = dataclasses.replace(spec, dtype=resolve_dtype(spec.dtype))
         resolved.append(_with_checkpoint_task(spec))
     defaults: dict[str, list[ModelSpec]] = {}
     for spec in resolved:

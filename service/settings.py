@@ -77,8 +77,10 @@ class Settings(BaseSettings):
         description="/ready is 200 only when every configured model is ready; false: when every model that did "
         "not fail is ready (and at least one is).",
     )
-    dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="Compute dtype. LayerNorm and softmax always run in float32."
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32",
+        description="Compute dtype. LayerNorm and softmax always run in float32. auto: bfloat16 where the hardware "
+        "runs it natively (a CPU with AVX512-BF16 or AMX, a GPU or TPU), float32 elsewhere.",
     )
 
     model_repository: str = Field(

@@ -33,6 +33,7 @@ from .api.deps import AuthDep, RuntimeDep
 from .api.routes.tasks import TimeoutHeader, answer
 from .api.schemas import ErrorBody
 from .errors import DeadlineExceeded, EndpointDisabled, InvalidInput, ServiceError, ValidationFailed
+from .hardware import resolve_dtype
 from .runtime import Runtime, ServedModel
 from .tasks.base import (
     Decoded,
@@ -416,7 +417,7 @@ def tei_info(runtime: Runtime) -> dict:
     info: dict[str, Any] = {
         "model_id": served.spec.source if served else "",
         "model_sha": None,
-        "model_dtype": served.spec.dtype if served else settings.dtype,
+        "model_dtype": served.spec.dtype if served else resolve_dtype(settings.dtype),
         "served_model_name": served.name if served else "",
         "model_type": {"embedding": {"pooling": "mean"}},
         "max_concurrent_requests": settings.max_queue_sequences,

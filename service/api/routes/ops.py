@@ -30,11 +30,14 @@ async def ready(runtime: RuntimeDep):
     return JSONResponse(body, status_code=200 if runtime.ready else 503)
 
 
-@router.get("/info", summary="Per model: task, source, state, architecture, labels, dtype, devices, buckets.")
+@router.get(
+    "/info",
+    summary="Per model: task, source, state, architecture, labels, dtype, devices, buckets; the hardware.",
+)
 async def info(runtime: RuntimeDep) -> dict:
-    from ... import tei  # TEI's Info fields beside this service's own (tei imports the api package)
+    from ... import hardware, tei  # TEI's Info fields beside this service's own (tei imports the api package)
 
-    return {**runtime.info(), **tei.tei_info(runtime)}
+    return {**runtime.info(), "hardware": hardware.describe(), **tei.tei_info(runtime)}
 
 
 @router.get(
