@@ -72,6 +72,26 @@ def build_sentence_transformer(
     return directory
 
 
+def build_sparse_encoder(
+    directory: Path, mlm: Path, *, pooling_strategy: str = "max", activation_function: str = "relu"
+) -> Path:
+    """A SPLADE checkpoint in sentence-transformers 5's SparseEncoder layout (MLMTransformer on the masked-LM
+    repository `mlm`, then SpladePooling), saved by SparseEncoder itself."""
+    import warnings
+
+    from sentence_transformers import SparseEncoder
+    from sentence_transformers.sparse_encoder.models import MLMTransformer, SpladePooling
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        modules = [
+            MLMTransformer(str(mlm)),
+            SpladePooling(pooling_strategy=pooling_strategy, activation_function=activation_function),
+        ]
+        SparseEncoder(modules=modules, device="cpu").save(str(directory))
+    return directory
+
+
 def write_json(path: Path, value) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(value, indent=2))

@@ -43,8 +43,8 @@ def repos(tmp_path_factory):
     return demo.build_demo_models(tmp_path_factory.mktemp("demo-models"))
 
 
-def test_every_endpoint_gets_a_complete_repository(repos):
-    assert set(repos) == {"classify", "fill-mask", "qa", "ner"}
+def test_every_endpoint_and_named_model_gets_a_complete_repository(repos):
+    assert set(repos) == {"classify", "fill-mask", "qa", "ner", *demo.NAMED_REPOS}
     for path in repos.values():
         names = {p.name for p in path.iterdir()}
         assert {
@@ -55,7 +55,9 @@ def test_every_endpoint_gets_a_complete_repository(repos):
             "README.md",
         } <= names
     # Nothing half-built is left beside them.
-    assert sorted(p.name for p in next(iter(repos.values())).parent.iterdir()) == sorted(repos)
+    assert sorted(p.name for p in next(iter(repos.values())).parent.iterdir()) == sorted(
+        [*repos, demo.MODELS_FILE]
+    )
 
 
 def test_repositories_say_they_are_demo_weights(repos):
@@ -63,7 +65,12 @@ def test_repositories_say_they_are_demo_weights(repos):
         config = json.loads((path / "config.json").read_text())
         assert config["demo"] is True
         assert "random" in (path / "README.md").read_text().lower()
-        if endpoint in ("classify", "ner"):
+        if endpoint in (
+            "classify",
+            "ner",
+            "reviews",
+            "cross",
+        ):  # nli's labels must be NLI's to serve zero-shot
             labels = [label for label in config["id2label"].values() if label != "O"]
             assert labels and all("DEMO_" in label for label in labels)
 
@@ -106,7 +113,8 @@ def test_existing_repositories_are_kept_unless_rebuild(repos):
 
 
 def test_command_points_the_service_at_the_repositories(repos, monkeypatch):
-    """`albert-serve-demo` sets the four model sources and a small grid, and passes other flags on."""
+    """`albert-serve-demo` sets the four model sources, the models file of the named models and a small grid,
+    and passes other flags on."""
     import service.__main__
 
     environment = {k: v for k, v in os.environ.items() if not k.startswith("ALBERT_")}
@@ -122,6 +130,10 @@ def test_command_points_the_service_at_the_repositories(repos, monkeypatch):
     settings = Settings()
     assert {m.name: m.source for m in configured_models(settings)} == {
         endpoint: str(path) for endpoint, path in repos.items()
+    }
+    tasks = {m.name: m.task for m in configured_models(settings)}
+    assert {name: tasks[name] for name in demo.NAMED_REPOS} == {
+        name: task for name, (_, _, task, _) in demo.NAMED_REPOS.items()
     }
     assert settings.batch_buckets == [1, 2]
     assert settings.seq_buckets == [32, 128] and settings.batch_seq_buckets == [128]

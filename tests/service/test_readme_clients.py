@@ -8,11 +8,13 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import httpx
 import pytest
-from embed_builders import SHALLOW, build_backbone, build_sentence_transformer
+from builders import build_repo
+from embed_builders import SHALLOW, build_backbone, build_sentence_transformer, build_sparse_encoder
 
 from tests.service.support import SERVICE_REPOS, SMALL_GRID, ServiceProcess, settings_env
 
@@ -41,11 +43,14 @@ def readme_server(service_repos, make_repo, spiece_model, tmp_path_factory):
         "sequence-classification", seed=7, labels=["contradiction", "neutral", "entailment"], **SHALLOW
     )[0]
     cross = make_repo("sequence-classification", seed=8, labels=["score"], **SHALLOW)[0]
+    build_repo(tmp / "mlm", "masked-lm", spiece_model, seed=9, **SHALLOW)
+    splade = build_sparse_encoder(tmp / "splade", tmp / "mlm")
     (tmp / "models.toml").write_text(
         f'[models.reviews]\nsource = "{reviews}"\n'
         f'[models.my-embedder]\nsource = "{embedder}"\n'
         f'[models.nli]\nsource = "{nli}"\ntask = "zero-shot"\n'
         f'[models.cross]\nsource = "{cross}"\ntask = "rerank"\n'
+        f'[models.splade]\nsource = "{splade}"\n'
     )
     env = {f"ALBERT_{e.replace('-', '_').upper()}_MODEL": str(service_repos[e][0]) for e in SERVICE_REPOS}
     env.update({"ALBERT_MODELS_FILE": str(tmp / "models.toml"), "HF_HUB_OFFLINE": "1"})
@@ -74,9 +79,8 @@ def test_the_readme_has_curl_lines_for_every_task():
         assert f"localhost:8000{path}" in commands, path
 
 
-@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
-def test_every_readme_curl_line_works_as_written(readme_server):
-    host = readme_server.url.removeprefix("http://")
+def _every_curl_line_answers(url: str) -> None:
+    host = url.removeprefix("http://")
     for command in readme_curl_commands():
         done = subprocess.run(
             command.replace("localhost:8000", host) + " -w '\\n%{http_code}'",
@@ -88,6 +92,26 @@ def test_every_readme_curl_line_works_as_written(readme_server):
         body, _, status = done.stdout.rpartition("\n")
         assert done.returncode == 0 and status == "200", f"{command}\n-> {status} {body[:500]} {done.stderr}"
         json.loads(body)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_every_readme_curl_line_works_as_written(readme_server):
+    _every_curl_line_answers(readme_server.url)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_every_readme_curl_line_answers_on_the_demo(tmp_path):
+    """`albert-serve-demo` serves every task, under the names the README's examples use."""
+    demo = ServiceProcess(
+        {"ALBERT_COMPILATION_CACHE_DIR": ""},
+        tmp_path / "demo.log",
+        command=[sys.executable, "-m", "service.demo", "--models-dir", str(tmp_path / "demo-models")],
+    )
+    try:
+        demo.wait_ready()
+        _every_curl_line_answers(demo.url)
+    finally:
+        demo.kill()
 
 
 def test_promtool_accepts_the_metrics(readme_server):

@@ -8,6 +8,7 @@ import warnings
 import numpy as np
 import pytest
 from builders import build_repo
+from embed_builders import build_sparse_encoder
 from fastapi.testclient import TestClient
 
 from service.app import create_app
@@ -23,21 +24,13 @@ SHALLOW = dict(num_hidden_layers=2, num_hidden_groups=1, inner_group_num=1)
 
 @pytest.fixture(scope="module")
 def splade_repos(tmp_path_factory, spiece_model, tei_repos):
-    from sentence_transformers import SparseEncoder
-    from sentence_transformers.sparse_encoder.models import MLMTransformer, SpladePooling
-
     tmp = tmp_path_factory.mktemp("splade")
     build_repo(tmp / "mlm", "masked-lm", spiece_model, seed=21, **SHALLOW)
     repos = {}
     for name, strategy, activation in [("splade", "max", "relu"), ("splade-sum", "sum", "log1p_relu")]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            modules = [
-                MLMTransformer(str(tmp / "mlm")),
-                SpladePooling(pooling_strategy=strategy, activation_function=activation),
-            ]
-            SparseEncoder(modules=modules, device="cpu").save(str(tmp / name))
-        repos[name] = tmp / name
+        repos[name] = build_sparse_encoder(
+            tmp / name, tmp / "mlm", pooling_strategy=strategy, activation_function=activation
+        )
     repos["st"] = tei_repos["st"]
     return repos
 
