@@ -294,10 +294,13 @@ class TokenizeRequest(BaseModel):
 
 
 def tokenize_text(tokenizer, text: str, add_special_tokens: bool) -> list[dict]:
-    """TEI's SimpleToken list: a special token has its own text and no offsets; any other token's text is
-    the caller's `text[start:stop]` (offsets in characters of the Python string; TEI's are in bytes, the
-    same for ASCII)."""
+    """TEI's SimpleToken list: a special token has its own text and no offsets; any other token's text is the
+    caller's text between `start` and `stop`, which count UTF-8 bytes as TEI's do (its Rust tokenizer's
+    offsets), not characters."""
     encoding = tokenizer.backend.encode(text, add_special_tokens=add_special_tokens)
+    byte_at = [0]  # byte_at[i]: where character i starts in the UTF-8 encoding
+    for character in text:
+        byte_at.append(byte_at[-1] + len(character.encode("utf-8", "surrogatepass")))
     tokens = []
     for token_id, token, (start, stop), special in zip(
         encoding.ids, encoding.tokens, encoding.offsets, encoding.special_tokens_mask, strict=True
@@ -306,7 +309,13 @@ def tokenize_text(tokenizer, text: str, add_special_tokens: bool) -> list[dict]:
             tokens.append({"id": token_id, "text": token, "special": True, "start": None, "stop": None})
         else:
             tokens.append(
-                {"id": token_id, "text": text[start:stop], "special": False, "start": start, "stop": stop}
+                {
+                    "id": token_id,
+                    "text": text[start:stop],
+                    "special": False,
+                    "start": byte_at[start],
+                    "stop": byte_at[stop],
+                }
             )
     return tokens
 
