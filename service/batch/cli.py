@@ -66,10 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
     ray = parser.add_argument_group("Ray (pip install -e '.[batch]')")
     ray.add_argument(
         "--ray",
+        nargs="?",
+        const="",
         default=None,
         metavar="ADDRESS",
-        help="run on Ray: `local` starts one on this machine; `auto` joins the cluster this machine runs (or the "
-        "one `ray job submit` runs the job in); ray://host:10001 or host:6379 joins that cluster",
+        help="run on Ray. Alone: the cluster this machine belongs to (or the one `ray job submit` runs the job "
+        "in), else a new local one; `local`: always a new one on this machine; `auto`: an existing cluster "
+        "only; ray://host:10001 or host:6379: that cluster",
     )
     ray.add_argument(
         "--ray-actors", type=int, default=None, help="actors answering rows (default: one per alive node)"
@@ -216,7 +219,7 @@ def _run_on_ray(args, settings, spec, source, columns, options: dict) -> int:
     try:
         started = connect(args.ray)
     except (ConnectionError, ValueError, RuntimeError) as exc:
-        raise _Refused(f"--ray {args.ray}: cannot connect ({exc})") from None
+        raise _Refused(f"{f'--ray {args.ray}' if args.ray else '--ray'}: cannot connect ({exc})") from None
     progress = Progress(source.count_rows())
     try:
         run_on_ray(plan, settings, progress, actors=args.ray_actors, actor_cpus=args.ray_actor_cpus)

@@ -44,14 +44,18 @@ class ModelFailed(RuntimeError):
 
 
 def connect(address: str) -> bool:
-    """Start a local Ray (`local`) or join the cluster at `address` (`auto`: the one this machine runs, or
-    the one `ray job submit` runs this in). True if this process started Ray (and must shut it down)."""
+    """Join Ray: `""` the cluster this machine belongs to (or the one `ray job submit` runs this in), else a
+    new local one (Ray's own default); `local` always a new local one; `auto` an existing cluster only; else
+    the cluster at `address`. True if this process connected (and must disconnect, or shut down what it
+    started, at the end)."""
     import ray
 
     if ray.is_initialized():
         return False
-    if address == "local":
-        ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=False)
+    if address in ("", "local"):
+        ray.init(
+            address=address or None, include_dashboard=False, configure_logging=False, log_to_driver=False
+        )
     else:
         _send_auth_token_if_present()
         ray.init(address=address, configure_logging=False, log_to_driver=False)

@@ -117,7 +117,7 @@ def test_requests_while_the_grid_compiles_never_compile(progressive):
 
 def test_the_grid_completes_and_the_packer_uses_every_bucket(progressive):
     runtime, client, _ = progressive
-    deadline = time.monotonic() + 240
+    deadline = time.monotonic() + 900  # a hang guard only: the two cores may be shared with other work
     while not runtime.grid_complete:
         assert time.monotonic() < deadline, runtime.models["classify"].grid_progress()
         time.sleep(0.2)
