@@ -293,6 +293,12 @@ def _sentence_transformers_files(staging: Path, layout: str, config: dict) -> No
     entries = [{"idx": int(i), "name": i, "path": path, "type": kind} for i, path, kind in modules]
     (staging / "modules.json").write_text(json.dumps(entries, indent=2) + "\n")
     (staging / "sentence_bert_config.json").write_text(json.dumps(bert_config, indent=2) + "\n")
+    # Which class saved it, as sentence-transformers writes it: without "SparseEncoder" here,
+    # `SparseEncoder(path)` takes the directory for a dense model and appends a random SparseAutoEncoder.
+    kind = "SentenceTransformer" if layout == "sentence-transformers" else "SparseEncoder"
+    st_config = {"model_type": kind, "prompts": {"query": "", "document": ""}, "default_prompt_name": None}
+    st_config["similarity_fn_name"] = "cosine" if kind == "SentenceTransformer" else None  # None: dot
+    (staging / "config_sentence_transformers.json").write_text(json.dumps(st_config, indent=2) + "\n")
     for _, path, _ in modules[1:]:
         (staging / path).mkdir()
         (staging / path / "config.json").write_text(json.dumps(module_configs.get(path, {}), indent=2) + "\n")

@@ -144,3 +144,70 @@ def test_build_only_prints_the_repositories(repos, capsys):
     demo.main(["--models-dir", str(repos["qa"].parent), "--build-only"])
     printed = dict(line.split("\t") for line in capsys.readouterr().out.splitlines())
     assert printed == {endpoint: str(path) for endpoint, path in repos.items()}
+
+
+def _torch_copy(repo, directory, flax_class: str, torch_class: str):
+    """The repository with its weights converted to PyTorch by transformers' own Flax-to-PyTorch loader
+    (sentence-transformers reads no flax_model.msgpack; `from_flax=True` leaves 4.57's weights on `meta`)."""
+    import shutil
+
+    transformers = pytest.importorskip("transformers")
+    from transformers.modeling_flax_pytorch_utils import load_flax_weights_in_pytorch_model
+
+    shutil.copytree(repo, directory)
+    flax = getattr(transformers, flax_class).from_pretrained(str(repo))
+    torch_model = getattr(transformers, torch_class)(flax.config)
+    load_flax_weights_in_pytorch_model(torch_model, flax.params)
+    torch_model.tie_weights()
+    (directory / "flax_model.msgpack").unlink()
+    torch_model.save_pretrained(str(directory))
+    return directory
+
+
+def test_embedding_repositories_answer_as_sentence_transformers_reads_them(repos, tmp_path):
+    """The demo's sentence-transformers and SparseEncoder layouts: sentence-transformers 5 reads the modules
+    we mean from them, and the service's /embed and /embed_sparse equal its encode on the same weights."""
+    import warnings
+
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from tests.service.support import models_file_runtime
+
+    st = pytest.importorskip("sentence_transformers")
+    texts = TEXTS[:2]
+    models = tmp_path / "models.toml"
+    # No task given: found from modules.json, as for any checkpoint.
+    models.write_text(
+        f'[models.embedder]\nsource = "{repos["my-embedder"]}"\n'
+        f'[models.splade]\nsource = "{repos["splade"]}"\n'
+    )
+    runtime = models_file_runtime(models)
+    try:
+        with TestClient(create_app(runtime.settings, runtime=runtime, start_runtime=False)) as client:
+            dense = client.post("/embed", json={"inputs": texts})
+            sparse = client.post("/embed_sparse", json={"inputs": texts})
+            tasks = {m["name"]: m["task"] for m in client.get("/models").json()["models"]}
+    finally:
+        runtime.stop()
+    assert tasks == {"embedder": "embed", "splade": "sparse-embed"}
+    assert dense.status_code == 200 and sparse.status_code == 200, dense.text + sparse.text
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        embedder = _torch_copy(repos["my-embedder"], tmp_path / "embedder", "FlaxAlbertModel", "AlbertModel")
+        splade = _torch_copy(
+            repos["splade"], tmp_path / "splade", "FlaxAlbertForMaskedLM", "AlbertForMaskedLM"
+        )
+        encoder = st.SentenceTransformer(str(embedder), device="cpu")
+        sparse_encoder = st.SparseEncoder(str(splade), device="cpu")
+        expected_dense = encoder.encode(texts)
+        expected_sparse = sparse_encoder.encode(texts).to_dense().numpy()
+    assert [type(m).__name__ for m in encoder] == ["Transformer", "Pooling", "Normalize"]
+    assert [type(m).__name__ for m in sparse_encoder] == ["MLMTransformer", "SpladePooling"]
+    np.testing.assert_allclose(np.asarray(dense.json()), expected_dense, atol=1e-5, rtol=0)
+    for answer, expected in zip(sparse.json(), expected_sparse, strict=True):
+        ours = np.zeros_like(expected)
+        ours[[term["index"] for term in answer]] = [term["value"] for term in answer]
+        np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=1e-5)
+        assert len(answer) > 10

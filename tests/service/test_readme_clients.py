@@ -74,6 +74,13 @@ def test_the_readme_has_curl_lines_for_every_task():
         "/similarity",
         "/zero-shot",
         "/rerank",
+        "/v1/embeddings",
+        "/predict",
+        "/embed_all",
+        "/embed_sparse",
+        "/tokenize",
+        "/decode",
+        "/models/reviews",
         "/models",
     ):
         assert f"localhost:8000{path}" in commands, path
