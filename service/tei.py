@@ -12,27 +12,25 @@ text-embeddings-inference) onto the same runtime, tasks and batcher:
     GET /info         TEI's Info fields (`tei_info`), merged into this service's own /info
 
 Errors on these routes have TEI's body and, for the statuses TEI documents, its kinds: `{"error",
-"error_type"}` with error_type Validation, Empty, Overloaded, Unhealthy or Backend. The status codes stay this
-service's (a too-long input is a 413, as on every route here; TEI says 422).
-"""
+"error_type"}` with error_type Validation, Empty, Overloaded, Unhealthy or Backend (service/api/tei_errors.py).
+The status codes stay this service's; a too-long input with truncate false is a 413 `Validation`, as TEI's
+(whose `Validation` kind is a 413)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 from fastapi import APIRouter, Body, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from starlette.concurrency import run_in_threadpool
 
 from .api.deps import AuthDep, RuntimeDep
 from .api.routes.tasks import TimeoutHeader, answer
 from .api.schemas import ErrorBody
-from .errors import DeadlineExceeded, EndpointDisabled, InvalidInput, ServiceError, ValidationFailed
+from .api.tei_errors import TEIRoute
+from .errors import DeadlineExceeded, EndpointDisabled, InvalidInput, ServiceError
 from .hardware import resolve_dtype
 from .runtime import Runtime, ServedModel
 from .tasks.base import (
@@ -62,46 +60,6 @@ class EmptyBatch(ServiceError):
 
     error_type = "Empty"
     status = 400
-
-
-# TEI's ErrorType for each status its document lists; the others (401, 404, 504: nothing TEI answers) keep
-# this service's kinds.
-TEI_ERROR_TYPES = {
-    400: "Empty",
-    413: "Validation",
-    422: "Validation",
-    424: "Backend",
-    429: "Overloaded",
-    500: "Backend",
-    503: "Unhealthy",
-}
-
-
-def _tei_error(exc: ServiceError) -> JSONResponse:
-    kind = TEI_ERROR_TYPES.get(exc.status, exc.error_type)
-    return JSONResponse(
-        {"error": exc.message, "error_type": kind}, status_code=exc.status, headers=exc.headers
-    )
-
-
-class TEIRoute(APIRoute):
-    """A route whose errors (schema validation included) answer in TEI's `{error, error_type}` kinds."""
-
-    def get_route_handler(self) -> Callable:
-        handler = super().get_route_handler()
-
-        async def route(request: Request):
-            from .app import describe_validation_error  # the app imports this module
-
-            try:
-                return await handler(request)
-            except RequestValidationError as exc:
-                content_type = request.headers.get("content-type", "").split(";")[0].strip()
-                return _tei_error(ValidationFailed(describe_validation_error(exc, content_type)))
-            except ServiceError as exc:
-                return _tei_error(exc)
-
-        return route
 
 
 router = APIRouter(tags=["text-embeddings-inference"], route_class=TEIRoute)

@@ -11,6 +11,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 
 from ...inference import Timings, infer
 from ...runtime import Runtime, ServedModel
@@ -18,6 +19,7 @@ from ...tasks import endpoints
 from ...tasks.base import Decoded, Endpoint, ModelTask
 from ..deps import AuthDep, RuntimeDep
 from ..schemas import ErrorBody
+from ..tei_errors import TEI_TASK_PATHS, TEIRoute
 
 router = APIRouter(tags=["tasks"])
 
@@ -118,4 +120,6 @@ for _task, _endpoint in endpoints():
         response_model=_endpoint.response,
         responses=ERRORS,
         summary=_endpoint.summary,
+        # A route only TEI has answers its errors in TEI's kinds, as the routes of service/tei.py.
+        route_class_override=TEIRoute if _endpoint.path in TEI_TASK_PATHS else APIRoute,
     )

@@ -106,10 +106,13 @@ def test_tokenize_is_the_tokenizer_with_the_callers_substrings(tei_client, tei_r
 
     tokenizer = AutoTokenizer.from_pretrained(str(tei_repos["st"]))
     text = "Héllo wörld, Marie Curie!"
-    response = tei_client.post("/tokenize", json={"inputs": [text, TEXTS[0]]})
+    sources = [text, TEXTS[0], "héllo wörld ✓"]  # 1, 2 and 3 bytes a character
+    response = tei_client.post("/tokenize", json={"inputs": sources})
     assert response.status_code == 200, response.text
     assert_tei_schema(response.json(), "TokenizeResponse")
-    for tokens, source in zip(response.json(), [text, TEXTS[0]], strict=True):
+    last = [t for t in response.json()[2] if not t["special"]][-1]
+    assert last["stop"] == len(sources[2].encode()) != len(sources[2])
+    for tokens, source in zip(response.json(), sources, strict=True):
         encoded = tokenizer(source, return_special_tokens_mask=True, return_offsets_mapping=True)
         assert [t["id"] for t in tokens] == encoded["input_ids"]
         # TEI's offsets count UTF-8 bytes (its Rust tokenizer's); transformers' count characters.

@@ -114,6 +114,10 @@ def test_embed_sparse_bad_input(sparse_client):
     assert long.status_code == 413, long.text
     empty = sparse_client.post("/embed_sparse", json={"inputs": []})
     assert empty.status_code == 422
+    # A route only TEI has answers its errors in TEI's kinds (a 413 and a 422 are both its `Validation`).
+    for response in (wrong, long, empty):
+        assert_tei_schema(response.json(), "ErrorResponse")
+        assert response.json()["error_type"] == "Validation", response.text
 
 
 def test_batch_job_answers_as_embed_sparse(sparse_client, splade_repos, tmp_path):

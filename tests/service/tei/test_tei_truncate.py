@@ -74,6 +74,11 @@ def test_truncate_false_is_a_413_naming_the_limit(tei_client, path, body):
     response = tei_client.post(path, json=body)
     assert response.status_code == 413, response.text
     assert "160" in response.json()["error"]
+    if path in ("/predict", "/embed_all"):
+        # TEI's own routes answer as TEI: a too-long input is its `Validation` error, which TEI sends as 413
+        # (router/src/http/server.rs: ErrorType::Validation => PAYLOAD_TOO_LARGE).
+        assert_tei_schema(response.json(), "ErrorResponse")
+        assert response.json()["error_type"] == "Validation"
 
 
 def test_auto_truncate_false_makes_long_inputs_413_unless_asked(tei_client, with_settings):
