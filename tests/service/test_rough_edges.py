@@ -14,8 +14,8 @@ def test_help_lists_every_flag_with_its_default_and_choices():
     for name in Settings.model_fields:
         assert f"--{name.replace('_', '-')}" in text and Settings.env_name(name) in text
     flat = " ".join(text.split())
-    assert "--dtype {float32,bfloat16,float16}" in flat
-    assert "Choices: float32, bfloat16, float16. Default: float32." in flat
+    assert "--dtype {float32,bfloat16,float16,auto}" in flat
+    assert "Choices: float32, bfloat16, float16, auto. Default: float32." in flat
     assert "--log-level {debug,info,warning,error}" in flat
     assert "Default: 8000." in flat and "Default: 1,2,4,6,8,12,16." in flat
     assert "Default: true." in flat  # strict readiness
