@@ -28,7 +28,7 @@ from service.settings import ENDPOINTS, model_env_var
 
 from . import checkpoint, texts
 from .embed import build_checkpoint, uptime
-from .run import CACHE, Flops, Server, _timed, drive, token_counts
+from .run import CACHE, BareForward, Flops, Server, _timed, drive, token_counts
 
 PORT = 8741
 ENDPOINT_MODELS = ("classify", "embed")
@@ -55,42 +55,6 @@ def rooflines() -> dict[str, float]:
             seconds = min(_timed(lambda f=f, a=a, b=b: f(a, b).block_until_ready()) for _ in range(10))
             best[dtype] = max(best.get(dtype, 0.0), 2 * m * k * n / seconds)
     return best
-
-
-class BareForward:
-    """Each input's forward pass alone, unpadded, jitted for its exact length, in `dtype`."""
-
-    def __init__(self, directory: Path, bodies: list[dict], dtype: str):
-        import jax
-
-        from model import from_pretrained, load_tokenizer
-
-        model = from_pretrained(directory, dtype=dtype)
-        tokenizer = load_tokenizer(directory)
-        forward = jax.jit(
-            lambda p, ids, types: jax.tree_util.tree_leaves(
-                model.module.apply({"params": p}, ids, token_type_ids=types)
-            )[0]
-        )
-        self.params = model.params
-        self.runs = []
-        for body in bodies:
-            encoding = tokenizer.encode(body["inputs"])[0]
-            ids = np.asarray([encoding.ids], np.int32)
-            types = np.asarray([encoding.type_ids], np.int32)
-            self.runs.append((forward.lower(model.params, ids, types).compile(), ids, types))
-
-    def measure(self) -> list[float]:
-        times = []
-        for compiled, ids, types in self.runs:
-            compiled(self.params, ids, types).block_until_ready()
-            times.append(
-                statistics.median(
-                    _timed(lambda c=compiled, i=ids, t=types: c(self.params, i, t).block_until_ready())
-                    for _ in range(7)
-                )
-            )
-        return times
 
 
 def serve(dtype: str, repos: dict[str, Path], args) -> Server:

@@ -110,15 +110,17 @@ class BareForward:
     taken minutes away from what it is compared with would be off by as much.
     """
 
-    def __init__(self, directory: Path, bodies: list[dict]):
+    def __init__(self, directory: Path, bodies: list[dict], dtype: str = "float32"):
         import jax
 
         from model import from_pretrained, load_tokenizer
 
-        model = from_pretrained(directory)
+        model = from_pretrained(directory, dtype=dtype)
         tokenizer = load_tokenizer(directory)
-        forward = jax.jit(
-            lambda p, ids, types: model.module.apply({"params": p}, ids, token_type_ids=types)["logits"]
+        forward = jax.jit(  # the first output (logits, or the hidden states of a bare backbone)
+            lambda p, ids, types: jax.tree_util.tree_leaves(
+                model.module.apply({"params": p}, ids, token_type_ids=types)
+            )[0]
         )
         self.params = model.params
         self.runs = []
