@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import httpx
@@ -33,21 +34,14 @@ from service.settings import ENDPOINTS, model_env_var
 
 from . import texts
 from .embed import build_checkpoint, uptime
-from .run import CACHE, Flops, Server, matmul_roofline, token_counts
+from .run import CACHE, Flops, Server, matmul_roofline, serve_env, token_counts
 
 PORT = 8731
 CLIENTS, PER_REQUEST = 4, 32
 
 
 def service_texts_per_s(directory: Path, sentences: list[str], duration: float) -> float:
-    env = dict(
-        ALBERT_MODELS=f"embed={directory}",
-        ALBERT_HOST="127.0.0.1",
-        ALBERT_PORT=str(PORT),
-        ALBERT_COMPILATION_CACHE_DIR=str(CACHE / "jax"),
-        ALBERT_LOG_LEVEL="warning",
-        HF_HUB_OFFLINE="1",
-    )
+    env = serve_env(PORT, ALBERT_MODELS=f"embed={directory}")
     logs = CACHE / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     server = Server("albert-serve", [sys.executable, "-m", "service"], env, PORT, logs / "batch-serve.log")
@@ -107,9 +101,7 @@ def batch_job(directory: Path, source: Path, output: Path, *extra: str) -> dict:
         if message.startswith("model ") and " ready in " in message:
             ready_at = float(message.rsplit(" ready in ", 1)[1].rstrip("s"))
         if message.startswith("chunk "):
-            stamp = time.mktime(time.strptime(record["ts"][:19], "%Y-%m-%dT%H:%M:%S")) + float(
-                record["ts"][19:23]
-            )
+            stamp = datetime.fromisoformat(record["ts"].replace("Z", "+00:00")).timestamp()
             chunks.append((stamp, int(message.split(": ", 1)[1].split(" rows", 1)[0])))
     # Steady state: the rows of every chunk after the first, over the time from the first chunk to the last.
     steady = sum(r for _, r in chunks[1:]) / (chunks[-1][0] - chunks[0][0]) if len(chunks) > 2 else None

@@ -29,7 +29,7 @@ from service.settings import ENDPOINTS, model_env_var
 
 from . import checkpoint, texts
 from .embed_sparse import sparse_line
-from .run import CACHE, ROOT, Flops, Server, _cpu_name, drive, matmul_roofline, token_counts
+from .run import CACHE, ROOT, Flops, Server, _cpu_name, drive, matmul_roofline, serve_env, token_counts
 
 BASELINE_PORT, OURS_PORT = 8721, 8722
 
@@ -121,14 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     ours = Server(
         "albert-serve",
         [sys.executable, "-m", "service", *args.serve_args.split()],
-        dict(
-            ALBERT_MODELS=f"embed={directory}",
-            ALBERT_HOST="127.0.0.1",
-            ALBERT_PORT=str(OURS_PORT),
-            ALBERT_COMPILATION_CACHE_DIR=str(CACHE / "jax"),
-            ALBERT_LOG_LEVEL="warning",
-            HF_HUB_OFFLINE="1",
-        ),
+        serve_env(OURS_PORT, ALBERT_MODELS=f"embed={directory}"),
         OURS_PORT,
         logs / "embed-albert-serve.log",
     )

@@ -23,7 +23,7 @@ from model.config import PRESETS
 from service.settings import ENDPOINTS, model_env_var
 
 from . import checkpoint, texts
-from .run import CACHE, Server, drive
+from .run import CACHE, Server, drive, serve_env
 
 PORT = 8723
 PER_REQUEST = 32
@@ -96,14 +96,7 @@ def sparse_line(duration: float, serve_args: str = "") -> dict:
     ours = Server(
         "albert-serve",
         [sys.executable, "-m", "service", *serve_args.split()],
-        dict(
-            ALBERT_MODELS=f"splade={directory}",
-            ALBERT_HOST="127.0.0.1",
-            ALBERT_PORT=str(PORT),
-            ALBERT_COMPILATION_CACHE_DIR=str(CACHE / "jax"),
-            ALBERT_LOG_LEVEL="warning",
-            HF_HUB_OFFLINE="1",
-        ),
+        serve_env(PORT, ALBERT_MODELS=f"splade={directory}"),
         PORT,
         logs / "embed-sparse-albert-serve.log",
     )

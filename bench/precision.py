@@ -28,7 +28,7 @@ from service.settings import ENDPOINTS, model_env_var
 
 from . import checkpoint, texts
 from .embed import build_checkpoint, uptime
-from .run import CACHE, BareForward, Flops, Server, _timed, drive, token_counts
+from .run import CACHE, BareForward, Flops, Server, _timed, drive, serve_env, token_counts
 
 PORT = 8741
 ENDPOINT_MODELS = ("classify", "embed")
@@ -59,15 +59,7 @@ def rooflines() -> dict[str, float]:
 
 def serve(dtype: str, repos: dict[str, Path], args) -> Server:
     env = {model_env_var(e): (str(repos["classify"]) if e == "classify" else "") for e in ENDPOINTS}
-    env.update(
-        ALBERT_MODELS=f"embed={repos['embed']}",
-        ALBERT_DTYPE=dtype,
-        ALBERT_PORT=str(PORT),
-        ALBERT_HOST="127.0.0.1",
-        ALBERT_COMPILATION_CACHE_DIR=str(CACHE / "jax"),
-        ALBERT_LOG_LEVEL="warning",
-        HF_HUB_OFFLINE="1",
-    )
+    env.update(serve_env(PORT, ALBERT_MODELS=f"embed={repos['embed']}", ALBERT_DTYPE=dtype))
     logs = CACHE / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     return Server(f"{dtype}", [sys.executable, "-m", "service"], env, PORT, logs / f"precision-{dtype}.log")

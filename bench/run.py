@@ -147,6 +147,19 @@ class BareForward:
 # --- servers --------------------------------------------------------------------------------------------
 
 
+def serve_env(port: int, **variables: str) -> dict[str, str]:
+    """The ALBERT_* variables of a benchmarked albert-serve on this machine's loopback, on the benchmarks'
+    shared compilation cache, offline, with `variables` (its models, dtype, ...) added."""
+    return dict(
+        ALBERT_HOST="127.0.0.1",
+        ALBERT_PORT=str(port),
+        ALBERT_COMPILATION_CACHE_DIR=str(CACHE / "jax"),
+        ALBERT_LOG_LEVEL="warning",
+        HF_HUB_OFFLINE="1",
+        **variables,
+    )
+
+
 class Server:
     def __init__(self, name: str, command: list[str], env: dict[str, str], port: int, log: Path):
         self.name, self.url = name, f"http://127.0.0.1:{port}"
@@ -275,13 +288,7 @@ def main(argv: list[str] | None = None) -> int:
             baseline.stop()
 
     env = {model_env_var(e): (str(repos[e]) if e in endpoints else "") for e in ENDPOINTS}
-    env.update(
-        ALBERT_PORT="8712",
-        ALBERT_HOST="127.0.0.1",
-        ALBERT_COMPILATION_CACHE_DIR=str(CACHE / "jax"),
-        ALBERT_LOG_LEVEL="warning",
-        HF_HUB_OFFLINE="1",
-    )
+    env.update(serve_env(8712))
     ours = Server(
         "albert-serve",
         [sys.executable, "-m", "service", *args.serve_args.split()],
